@@ -1,0 +1,5 @@
+"""`python -m miarobust` (and `torchrun -m miarobust run ...`)."""
+
+from miarobust.cli import main
+
+main()

@@ -1,0 +1,248 @@
+"""Attack registry: name -> factory. Every attack works in [0, 1] pixel space on a `Victim`.
+
+Underneath: torchattacks (FGSM, PGD, PGDL2, CW) and pyautoattack, the packaged reference AutoAttack of
+Croce & Hein (2020): APGD-CE, APGD-DLR, Square, standard AutoAttack and its `rand` version with EOT.
+miarobust adds EOT through the gates (eot.py), straight-through gates (adaptive.py), transfer from a
+surrogate, PGD on the CW margin and the slowdown attack (slowdown.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from miarobust.attacks.eot import EOT
+from miarobust.attacks.pgd import cw_margin, pgd, with_restarts
+from miarobust.attacks.threat import ThreatModel
+from miarobust.errors import UserError, unknown_name
+
+AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Arguments shared by the attacks; `alpha` None means 2.5 * eps / steps (Madry et al.)."""
+
+    norm: str = "Linf"
+    eps: float = 8 / 255
+    steps: int = 10
+    alpha: float | None = None
+    restarts: int = 1
+    eot: int = 1
+    eot_chunk: int | None = None
+    cw_c: float = 1.0
+    surrogate: str | None = None
+    surrogate_checkpoint: str | None = None
+    keep_prediction: bool = False
+    seed: int = 0
+
+    @property
+    def threat(self) -> ThreatModel:
+        return ThreatModel(self.norm, self.eps)
+
+    @property
+    def step_size(self) -> float:
+        return self.alpha if self.alpha is not None else 2.5 * self.eps / max(self.steps, 1)
+
+
+@dataclass
+class Victim:
+    """The model under attack: `model` takes [0, 1] images; `mia` is its MIA-Former backbone, if any."""
+
+    model: nn.Module
+    mia: nn.Module | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def stochastic(self) -> bool:
+        return self.mia is not None and self.mia.gate_mode.value == "stochastic"
+
+    def with_eot(self, k: int, chunk: int | None = None) -> nn.Module:
+        """The model as an attack sees it: EOT over k gate draws when k > 1."""
+        return EOT(self.model, k, chunk) if k > 1 else self.model
+
+    @contextlib.contextmanager
+    def straight_through(self) -> Iterator[None]:
+        """Hard gates in the forward pass, sigmoid gradients in the backward pass (BPDA), for the block."""
+        if self.mia is None:
+            yield
+            return
+        before = self.mia.straight_through
+        self.mia.straight_through = True
+        try:
+            yield
+        finally:
+            self.mia.straight_through = before
+
+
+@dataclass(frozen=True)
+class AttackInfo:
+    """A registered attack: how to build it and what it is."""
+
+    name: str
+    summary: str
+    build: Callable[[Victim, AttackConfig], AttackFn]
+    norms: tuple[str, ...] = ("Linf", "L2")
+    min_eot: int = 1  # the attack's default K when --eot is not given
+    own_eot: int = 0  # EOT iterations the attack runs itself (autoattack-rand)
+
+    def eot(self, cfg: AttackConfig) -> int:
+        """K of the EOT wrapper this attack uses under `cfg`."""
+        return max(cfg.eot, self.min_eot)
+
+    def adaptive(self, cfg: AttackConfig) -> bool:
+        """Whether the attack averages over gate draws (required to claim a number on a stochastic model)."""
+        return self.eot(cfg) > 1 or self.own_eot > 1
+
+
+def _torchattacks_pgd(victim: Victim, cfg: AttackConfig, model: nn.Module) -> AttackFn:
+    import torchattacks
+
+    cls = torchattacks.PGD if cfg.norm == "Linf" else torchattacks.PGDL2
+    atk = cls(model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps, random_start=True)
+    return lambda x, y: with_restarts(atk, model, x, y, cfg.restarts)
+
+
+def build_pgd(victim: Victim, cfg: AttackConfig, eot: int = 1) -> AttackFn:
+    """PGD on cross-entropy (torchattacks' PGD / PGDL2), with restarts and optional EOT."""
+    return _torchattacks_pgd(victim, cfg, victim.with_eot(eot, cfg.eot_chunk))
+
+
+def build_fgsm(victim: Victim, cfg: AttackConfig, eot: int = 1) -> AttackFn:
+    """FGSM (Goodfellow et al. 2015): one signed gradient step of size eps (Linf only)."""
+    import torchattacks
+
+    return torchattacks.FGSM(victim.with_eot(eot, cfg.eot_chunk), eps=cfg.eps)
+
+
+def build_pgd_cw(victim: Victim, cfg: AttackConfig, eot: int = 1) -> AttackFn:
+    """Linf/L2 PGD maximising the Carlini-Wagner margin instead of cross-entropy."""
+    model = victim.with_eot(eot, cfg.eot_chunk)
+    one = lambda x, y: pgd(lambda xa, ya: cw_margin(model(xa), ya), x, y, cfg.threat, cfg.steps, cfg.step_size)  # noqa: E731
+    return lambda x, y: with_restarts(one, model, x, y, cfg.restarts)
+
+
+def build_cw(victim: Victim, cfg: AttackConfig, eot: int = 1) -> AttackFn:
+    """Carlini-Wagner L2 (torchattacks' CW). It minimises the perturbation, unbounded: an example
+    larger than eps counts as a failure at this eps (the clean image is kept)."""
+    import torchattacks
+
+    atk = torchattacks.CW(victim.with_eot(eot, cfg.eot_chunk), c=cfg.cw_c, kappa=0, steps=max(cfg.steps, 10), lr=0.01)
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        adv = atk(x, y)
+        ok = cfg.threat.distance(x, adv) <= cfg.eps
+        return torch.where(ok.view(-1, *([1] * (x.dim() - 1))), adv, x)
+
+    return run
+
+
+def build_bpda_pgd(victim: Victim, cfg: AttackConfig, eot: int = 1) -> AttackFn:
+    """PGD with straight-through gates (BPDA, Athalye et al. 2018): the attack also steers the sub-model."""
+    inner = build_pgd(victim, cfg, eot)
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with victim.straight_through():
+            return inner(x, y)
+
+    return run
+
+
+def build_transfer(victim: Victim, cfg: AttackConfig, eot: int = 1) -> AttackFn:
+    """PGD on a static surrogate (--surrogate, default vit_fmnist), evaluated on the target."""
+    from miarobust.models import create
+    from miarobust.models.normalize import Normalized
+
+    name = cfg.surrogate or "vit_fmnist"
+    surrogate = Normalized(create(name, checkpoint=cfg.surrogate_checkpoint)).to(victim.device).eval()
+    for p in surrogate.parameters():
+        p.requires_grad_(False)
+    return build_pgd(Victim(surrogate, None, victim.device), cfg, 1)
+
+
+def _autoattack(attacks: list[str] | None, version: str) -> Callable[[Victim, AttackConfig, int], AttackFn]:
+    def build(victim: Victim, cfg: AttackConfig, eot: int = 1) -> AttackFn:
+        from pyautoattack import AutoAttack
+
+        model = victim.with_eot(eot, cfg.eot_chunk)
+
+        def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            aa = AutoAttack(model, attacks=attacks, device=x.device, eps=cfg.eps, norm=cfg.norm,
+                            seed=cfg.seed, version=version)
+            with capture_autoattack_warnings() as warned:
+                adv = aa.run_standard_evaluation(x, y, batch_size=len(x))
+            run.warnings.extend(warned)
+            return adv
+
+        run.warnings = []  # type: ignore[attr-defined]
+        return run
+
+    return build
+
+
+@contextlib.contextmanager
+def capture_autoattack_warnings() -> Iterator[list[str]]:
+    """Collect the warnings of AutoAttack's own checks (randomness, output range, gradient masking)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                messages.append(record.getMessage().strip())
+
+    logger = logging.getLogger("auto-attack")
+    handler = Collect()
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def build_slowdown(victim: Victim, cfg: AttackConfig, eot: int = 1) -> AttackFn:
+    from miarobust.attacks.slowdown import build
+
+    return build(victim, cfg, eot)
+
+
+ATTACKS: dict[str, AttackInfo] = {
+    a.name: a
+    for a in (
+        AttackInfo("none", "no attack: clean accuracy only", lambda v, c, k=1: (lambda x, y: x)),
+        AttackInfo("fgsm", "FGSM, one signed step (Linf)", build_fgsm, norms=("Linf",)),
+        AttackInfo("pgd", "PGD on cross-entropy (torchattacks), random start, --restarts", build_pgd),
+        AttackInfo("pgd-cw", "PGD on the Carlini-Wagner margin loss", build_pgd_cw),
+        AttackInfo("cw", "Carlini-Wagner L2 (torchattacks); results beyond eps count as failures", build_cw, norms=("L2",)),
+        AttackInfo("eot-pgd", "PGD with EOT over gate draws (--eot K, default 8)", build_pgd, min_eot=8),
+        AttackInfo("bpda-pgd", "PGD through straight-through gates (BPDA), EOT when --eot > 1", build_bpda_pgd),
+        AttackInfo("transfer", "PGD on a static surrogate (--surrogate), evaluated on the target", build_transfer),
+        AttackInfo("apgd-ce", "APGD on cross-entropy (pyautoattack)", _autoattack(["apgd-ce"], "custom")),
+        AttackInfo("apgd-dlr", "APGD on the DLR loss (pyautoattack)", _autoattack(["apgd-dlr"], "custom")),
+        AttackInfo("square", "Square Attack, black-box, 5000 queries (pyautoattack)", _autoattack(["square"], "custom")),
+        AttackInfo("autoattack", "AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square (pyautoattack)",
+                   _autoattack(None, "standard")),
+        AttackInfo("autoattack-rand", "AutoAttack rand: APGD-CE and APGD-DLR with EOT 20 (pyautoattack)",
+                   _autoattack(None, "rand"), own_eot=20),
+        AttackInfo("slowdown", "energy attack: maximise the MACs an adaptive model spends", build_slowdown),
+    )
+}
+
+
+def get_attack(name: str, cfg: AttackConfig) -> AttackInfo:
+    """The registered attack `name`, checked against the threat model of `cfg`."""
+    if name not in ATTACKS:
+        raise unknown_name("attack", name, ATTACKS)
+    info = ATTACKS[name]
+    if cfg.norm not in info.norms:
+        raise UserError(f"attack {name} supports {'/'.join(info.norms)} only, not {cfg.norm}: change --norm or --attack.")
+    return info
+
+
+def build_attack(info: AttackInfo, victim: Victim, cfg: AttackConfig) -> AttackFn:
+    """An attack function x (B, C, H, W) in [0, 1], y (B,) -> x_adv, on `victim`."""
+    return info.build(victim, cfg, info.eot(cfg))

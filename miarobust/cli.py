@@ -1,0 +1,253 @@
+"""The `miarobust` command line: thin click commands over library functions.
+
+Heavy imports (torch, timm) happen inside the commands so `--help` is instant. User errors (UserError)
+print one line and exit 2; nothing half-written is left (every file is written atomically).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from fractions import Fraction
+from typing import Any
+
+import click
+
+from miarobust.errors import UserError
+
+MODELS = ("mia_vit_fmnist", "vit_fmnist", "deit_t", "deit_s", "deit_b", "mia_deit_t", "mia_deit_s", "mia_deit_b")
+
+
+class EpsType(click.ParamType):
+    """A perturbation budget: '8/255', '0.031' or '1e-2'; finite and > 0."""
+
+    name = "eps"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[float, str]:
+        if isinstance(value, tuple):
+            return value
+        text = str(value).strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/", 1)
+                eps = float(Fraction(float(num)) / Fraction(float(den)))
+            else:
+                eps = float(text)
+        except (ValueError, ZeroDivisionError):
+            self.fail(f"'{value}' is not a number: write eps as 8/255 or 0.031.", param, ctx)
+        if not eps == eps or eps in (float("inf"), float("-inf")) or eps <= 0:
+            self.fail(f"'{value}' must be a finite number > 0, e.g. 8/255.", param, ctx)
+        return eps, text
+
+
+def parse_eps(text: str) -> float:
+    """'8/255' -> 0.0313...; raises UserError on anything that is not a finite positive number."""
+    try:
+        return EpsType().convert(text, None, None)[0]
+    except click.BadParameter as e:
+        raise UserError(e.message) from None
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="miarobust")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def cli(verbose: bool) -> None:
+    """Accuracy, FLOPs and adversarial robustness of MIA-Former and static ViTs."""
+    setup_logging(verbose)
+
+
+def model_option(default: str | None) -> Any:
+    return click.option("--model", default=default, show_default=True,
+                        help=f"Model name ({', '.join(MODELS)}); `miarobust list` shows all.")
+
+
+@cli.command("run")
+@model_option("mia_vit_fmnist")
+@click.option("--checkpoint", default=None, help="Weights file (.safetensors or timm .pth); default: the shipped weights.")
+@click.option("--gate-mode", default=None, help="MIA-Former gates: full, deterministic (default) or stochastic.")
+@click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size (default: the model's).")
+@click.option("--img-size", type=click.IntRange(min=8), default=None, help="Input size (default: the model's).")
+@click.option("--data", default="embedded", show_default=True, help="embedded, fashion-mnist, cifar10, imagenet, folder, synthetic.")
+@click.option("--data-root", default=None, help="Folder of the data set (fashion-mnist defaults to Debian's files).")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--attack", default="pgd", show_default=True, help="Attack name, or several comma-separated (worst case per image).")
+@click.option("--norm", type=click.Choice(["Linf", "L2"]), default="Linf", show_default=True)
+@click.option("--eps", type=EpsType(), default="8/255", show_default=True, help="Radius in [0, 1] pixels: 8/255 or 0.031.")
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--alpha", type=EpsType(), default=None, help="Step size (default 2.5 * eps / steps).")
+@click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--eot", type=click.IntRange(min=1), default=1, show_default=True, help="Gate draws averaged per gradient (EOT).")
+@click.option("--eot-chunk", type=click.IntRange(min=1), default=None, help="Rows per forward pass for EOT (default: by device).")
+@click.option("--eval-samples", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Gate draws averaged for accuracy of a stochastic model.")
+@click.option("--surrogate", default=None, help="Surrogate model for --attack transfer (default vit_fmnist).")
+@click.option("--keep-prediction", is_flag=True, help="slowdown: keep the clean label while raising MACs.")
+@click.option("--n", type=click.IntRange(min=1), default=None, help="Evaluate the first N images (default: all).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--checks", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Sanity checks of the evaluation (auto: all on small runs, a cheap subset otherwise).")
+@click.option("--out", default="results", show_default=True, help="Folder that receives the run folder.")
+def run_cmd(**kw: Any) -> None:
+    """Evaluate a model under attack; writes config.json, samples.csv, summary.json."""
+    from miarobust.distributed import distributed_context
+
+    cfg = make_run_config(kw)
+    with distributed_context(cfg) as (rank, world):
+        from miarobust.evaluate import run
+
+        try:
+            res = run(cfg, progress=sys.stderr.isatty() or world == 1, rank=rank, world=world)
+        except KeyboardInterrupt:
+            from miarobust.evaluate import RunConfig  # noqa: F401
+
+            click.echo(f"interrupted: finished batches are kept under {cfg.out}/; run the same command again to resume.",
+                       err=True)
+            sys.exit(130)
+        if rank == 0:
+            click.echo(format_summary(res.folder, res.summary))
+
+
+def make_run_config(kw: dict[str, Any]) -> Any:
+    from miarobust.evaluate import RunConfig
+
+    eps, eps_text = kw.pop("eps")
+    alpha = kw.pop("alpha")
+    attacks = tuple(a.strip() for a in kw.pop("attack").split(",") if a.strip())
+    if not attacks:
+        raise UserError("--attack is empty: name an attack (see `miarobust list`).")
+    if kw["norm"] == "Linf" and eps >= 1:
+        raise UserError(f"--eps {eps_text} is >= 1: an Linf ball that large covers every image in [0, 1]; use e.g. 8/255.")
+    return RunConfig(eps=eps, eps_text=eps_text, alpha=alpha[0] if alpha else None, attacks=attacks, **kw)
+
+
+def format_summary(folder: Any, s: dict[str, Any]) -> str:
+    """A few human-readable lines about a finished run."""
+    c = s["clean"]
+    lines = [f"{s['model']} ({s.get('gate_mode') or 'static'}) on {s['data']}, n={s['n']}: results in {folder}",
+             f"  clean accuracy   {c['acc']:.4f}  [{c['ci95'][0]:.4f}, {c['ci95'][1]:.4f}]   "
+             f"GMACs/image {s['gmacs']['clean_mean']:.4f}"]
+    for a, v in s["attacks"].items():
+        lines.append(f"  {a:<16} {v['acc']:.4f}  [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]   GMACs/image {v['gmacs_mean']:.4f}"
+                     f"   {v['label']}" + (f", EOT {v['eot']}" if v['eot'] > 1 else ""))
+    if len(s["attacks"]) > 1:
+        r = s["robust"]
+        lines.append(f"  worst case       {r['acc']:.4f}  [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}]")
+    flags = [k for k, v in s.get("checks", {}).items() if v["status"] == "flag"]
+    if flags:
+        lines.append(f"  sanity checks flagged: {', '.join(flags)} (see summary.json)")
+    return "\n".join(lines)
+
+
+@cli.command("list")
+@click.argument("what", type=click.Choice(["all", "models", "attacks", "datasets"]), default="all")
+def list_cmd(what: str) -> None:
+    """List models, attacks and data sets."""
+    if what in ("all", "models"):
+        from miarobust.models import model_names
+
+        click.echo("models:")
+        for name in model_names():
+            click.echo(f"  {name}")
+    if what in ("all", "attacks"):
+        from miarobust.attacks import ATTACKS
+
+        click.echo("attacks:")
+        for a in ATTACKS.values():
+            click.echo(f"  {a.name:<16} {a.summary}")
+    if what in ("all", "datasets"):
+        from miarobust.data import DATASETS
+
+        click.echo("datasets:")
+        for name, fn in DATASETS.items():
+            click.echo(f"  {name:<14} {(fn.__doc__ or '').strip().splitlines()[0]}")
+
+
+@cli.command("flops")
+@model_option("deit_s")
+@click.option("--img-size", type=click.IntRange(min=8), default=None)
+@click.option("--num-classes", type=click.IntRange(min=1), default=None)
+def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None:
+    """Print the static model's GMACs per image (DeiT convention)."""
+    from miarobust.models import create
+    from miarobust.models.flops import VitDims, controller_macs, static_macs
+
+    m = create(model, pretrained=False, img_size=img_size, num_classes=num_classes)
+    dims = VitDims.of(m)
+    click.echo(f"{model}: {static_macs(dims) / 1e9:.2f} GMACs per image at {dims.num_patches} patches "
+               f"({sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters)")
+    if model.startswith("mia_"):
+        click.echo(f"  controller: {dims.depth * controller_macs(dims) / 1e9:.5f} GMACs when every block runs its decision heads")
+
+
+@cli.command("train")
+@model_option("vit_fmnist")
+@click.option("--data", default="fashion-mnist", show_default=True)
+@click.option("--data-root", default=None)
+@click.option("--out", default=None, help="Run folder (default runs/<model>[-b<budget>]); rerun to resume.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default 18 (static) / 4 (MIA).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--lr", type=float, default=None, help="Default 2e-3 (static) / 5e-4 backbone, 10x for the controller (MIA).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--init", default=None, help="MIA: static checkpoint to start from (default: the shipped vit_fmnist).")
+@click.option("--budget", type=click.FloatRange(0.05, 1.0), default=None, help="MIA: target share of the static MACs.")
+@click.option("--rl-weight", type=float, default=1.0, show_default=True, help="MIA: weight of the REINFORCE loss.")
+@click.option("--flops-lambda", type=float, default=1.0, show_default=True, help="MIA: reward = correct - lambda * MACs ratio.")
+def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None, budget: float | None,
+              rl_weight: float, flops_lambda: float, **kw: Any) -> None:
+    """Train a static ViT, or MIA-Former's controller and backbone (hybrid SL + RL)."""
+    from miarobust.train.loop import TrainConfig
+
+    mia = model.startswith("mia_")
+    if mia and budget is None:
+        raise UserError("MIA-Former training needs --budget, the target share of the static MACs (e.g. 0.7).")
+    if not mia and budget is not None:
+        raise UserError("--budget applies to MIA-Former models (mia_*) only.")
+    out = out or (f"runs/{model}-b{budget:g}" if mia else f"runs/{model}")
+    cfg = TrainConfig(model=model, out=out, epochs=epochs or (4 if mia else 18), lr=lr or (5e-4 if mia else 2e-3),
+                      budget=budget, extra={"rl_weight": rl_weight, "flops_lambda": flops_lambda} if mia else {}, **kw)
+    try:
+        if mia:
+            from miarobust.train.mia import train_mia
+
+            train_mia(cfg)
+        else:
+            from miarobust.train.static import train_static
+
+            train_static(cfg)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: finished epochs are kept in {out}; run the same command again to resume.", err=True)
+        sys.exit(130)
+    click.echo(f"done: weights in {out}/model.safetensors, log in {out}/log.csv, curves in {out}/curves.png")
+
+
+def main() -> None:
+    """Console entry point: UserError -> one line on stderr, exit 2."""
+    from miarobust.attacks.threat import ThreatModelViolation
+
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except ThreatModelViolation as e:
+        click.echo(f"error: threat model violated, no number reported: {e}", err=True)
+        sys.exit(1)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

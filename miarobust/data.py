@@ -1,0 +1,237 @@
+"""Evaluation and training data by name; every data set yields (image in [0, 1], shape (C, H, W), label).
+
+Models own their normalisation, so images stay in pixel space here. Each data set is sized to the model
+through `Geometry` (channels, height, width, interpolation, crop), taken from the model's timm data config.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from miarobust.errors import UserError, unknown_name
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+EMBEDDED_FILE = "fmnist_test_1000.npz"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a model takes: channels, height, width, and how to get there (from timm's data config)."""
+
+    channels: int
+    height: int
+    width: int
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Geometry:
+        """The geometry in a timm model's pretrained_cfg."""
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        c, h, w = cfg.get("input_size", (3, 224, 224))
+        return cls(c, h, w, cfg.get("interpolation", "bilinear") or "bilinear", cfg.get("crop_pct", 1.0) or 1.0)
+
+
+def fit(x: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """Resize (C, H, W) or (B, C, H, W) images in [0, 1] to the geometry; grey <-> RGB by repeat / mean."""
+    single = x.dim() == 3
+    if single:
+        x = x.unsqueeze(0)
+    if x.shape[1] != geometry.channels:
+        if x.shape[1] == 1:
+            x = x.expand(-1, geometry.channels, -1, -1)
+        elif geometry.channels == 1:
+            x = x.mean(1, keepdim=True)
+        else:
+            raise UserError(f"images have {x.shape[1]} channels but the model takes {geometry.channels}.")
+    if x.shape[-2:] != (geometry.height, geometry.width):
+        mode = "bicubic" if geometry.interpolation == "bicubic" else "bilinear"
+        x = F.interpolate(x, size=(geometry.height, geometry.width), mode=mode, antialias=True, align_corners=False)
+        x = x.clamp(0, 1)
+    return x[0] if single else x
+
+
+class TensorImages(Dataset):
+    """Images held as a uint8 array (N, H, W) or (N, H, W, C) with int labels, fitted on access."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, geometry: Geometry, classes: tuple[str, ...]):
+        if len(images) != len(labels):
+            raise UserError(f"data has {len(images)} images but {len(labels)} labels: the files are inconsistent.")
+        self.images, self.labels, self.geometry, self.classes = images, labels.astype(np.int64), geometry, classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = torch.from_numpy(np.ascontiguousarray(self.images[i])).float().div_(255)
+        img = img.unsqueeze(0) if img.dim() == 2 else img.permute(2, 0, 1)
+        return fit(img, self.geometry), int(self.labels[i])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzipped or not), the format of (Fashion-)MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        ndim = raw[3]
+        dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+        return data.reshape(dims)
+    except (OSError, EOFError, ValueError, IndexError) as e:
+        raise UserError(f"{path} is not a readable IDX file ({e}); reinstall dataset-fashion-mnist or fix --data-root.") from e
+
+
+def _find(root: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise UserError(f"{root} has no {stem}[.gz]: install Debian's dataset-fashion-mnist or point --data-root at the files.")
+
+
+def _check_root(root: str | os.PathLike[str] | None, what: str) -> Path:
+    if root is None:
+        raise UserError(f"--data-root is required for {what}.")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise UserError(f"data root {path} does not exist or is not a folder: pass --data-root with the {what} files.")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise UserError(f"data root {path} is not readable: fix its permissions or pass another --data-root.")
+    return path
+
+
+def fashion_mnist(root: str | None, split: str, geometry: Geometry) -> TensorImages:
+    """Fashion-MNIST (Xiao et al. 2017) from the IDX files (Debian's dataset-fashion-mnist by default)."""
+    path = _check_root(root or FASHION_MNIST_ROOT, "Fashion-MNIST")
+    prefix = "train" if split == "train" else "t10k"
+    images = _read_idx(_find(path, f"{prefix}-images-idx3-ubyte"))
+    labels = _read_idx(_find(path, f"{prefix}-labels-idx1-ubyte"))
+    return TensorImages(images, labels, geometry, FASHION_MNIST_CLASSES)
+
+
+def embedded(root: str | None, split: str, geometry: Geometry) -> TensorImages:
+    """The class-balanced 1,000-image Fashion-MNIST test subset shipped in the package."""
+    if split != "test":
+        raise UserError("the embedded data set has only a test split: use --data fashion-mnist to train.")
+    with resources.as_file(resources.files("miarobust") / "checkpoints" / EMBEDDED_FILE) as f:
+        with np.load(f) as z:
+            return TensorImages(z["images"], z["labels"], geometry, FASHION_MNIST_CLASSES)
+
+
+def cifar10(root: str | None, split: str, geometry: Geometry) -> TensorImages:
+    """CIFAR-10 in torchvision's layout (cifar-10-batches-py) under --data-root; never downloads."""
+    from torchvision.datasets import CIFAR10
+
+    path = _check_root(root, "CIFAR-10")
+    try:
+        ds = CIFAR10(str(path), train=split == "train", download=False)
+    except RuntimeError as e:
+        raise UserError(f"{path} holds no CIFAR-10 in torchvision's format (cifar-10-batches-py): {e}") from e
+    return TensorImages(ds.data, np.asarray(ds.targets), geometry, tuple(ds.classes))
+
+
+class CheckedImageFolder(Dataset):
+    """torchvision's ImageFolder that reports an unreadable image as a UserError naming the file."""
+
+    def __init__(self, root: Path, geometry: Geometry):
+        from timm.data import create_transform
+        from torchvision.datasets import ImageFolder
+
+        transform = create_transform(
+            input_size=(geometry.channels, geometry.height, geometry.width), is_training=False,
+            interpolation=geometry.interpolation, crop_pct=geometry.crop_pct,
+            mean=(0.0,) * 3, std=(1.0,) * 3,  # keep [0, 1]: the model normalises
+        )
+        try:
+            self.folder = ImageFolder(str(root), transform=transform)
+        except (FileNotFoundError, OSError) as e:
+            raise UserError(f"{root} is not an image folder (one sub-folder of images per class): {e}") from e
+        self.geometry, self.classes = geometry, tuple(self.folder.classes)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path = self.folder.samples[i][0]
+        try:
+            x, y = self.folder[i]
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read image {path} ({e}): remove or replace the file.") from e
+        return fit(x, self.geometry), y
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def folder(root: str | None, split: str, geometry: Geometry) -> CheckedImageFolder:
+    """Any ImageFolder (root/<class>/<image>), with the model's eval transform from timm's data config."""
+    return CheckedImageFolder(_check_root(root, "image folder"), geometry)
+
+
+def imagenet(root: str | None, split: str, geometry: Geometry) -> CheckedImageFolder:
+    """ImageNet as an ImageFolder: root/val (or root/train) if present, else root itself."""
+    path = _check_root(root, "ImageNet")
+    sub = path / ("train" if split == "train" else "val")
+    return CheckedImageFolder(sub if sub.is_dir() else path, geometry)
+
+
+class Synthetic(Dataset):
+    """Random images with random labels, reproducible from a seed: for smoke runs, never for numbers."""
+
+    def __init__(self, geometry: Geometry, n: int = 256, num_classes: int = 10, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.rand(n, geometry.channels, geometry.height, geometry.width, generator=g)
+        self.y = torch.randint(0, num_classes, (n,), generator=g)
+        self.classes = tuple(str(i) for i in range(num_classes))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.x[i], int(self.y[i])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def synthetic(root: str | None, split: str, geometry: Geometry) -> Synthetic:
+    """Random data at the model's geometry."""
+    return Synthetic(geometry, seed=0 if split == "test" else 1)
+
+
+DATASETS: dict[str, Callable[[str | None, str, Geometry], Dataset]] = {
+    "embedded": embedded,
+    "fashion-mnist": fashion_mnist,
+    "cifar10": cifar10,
+    "imagenet": imagenet,
+    "folder": folder,
+    "synthetic": synthetic,
+}
+
+
+def load_dataset(name: str, geometry: Geometry, root: str | None = None, split: str = "test") -> Dataset:
+    """The data set `name` (a key of DATASETS), fitted to `geometry`."""
+    if name not in DATASETS:
+        raise unknown_name("dataset", name, DATASETS)
+    if split not in ("train", "test"):
+        raise UserError(f"unknown split '{split}': use train or test.")
+    return DATASETS[name](root, split, geometry)

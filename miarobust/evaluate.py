@@ -1,0 +1,361 @@
+"""The evaluator: model x attacks x data -> per-sample records, resumable batch by batch.
+
+Batches are fixed by (n, batch_size) and batch b is seeded from (seed, b) alone, so a batch's records do
+not depend on which batches ran before it in this process: a resumed run, or a run split over ranks
+(distributed.py), writes the same samples.csv as one uninterrupted run.
+
+For a stochastic MIA-Former, clean and adversarial correctness are the mean over `eval_samples` gate
+draws (a probability per image), GMACs are the mean over draws, and an attack without EOT is labelled
+non-adaptive.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from miarobust.attacks import ATTACKS, AttackConfig, AttackInfo, Victim, build_attack, get_attack
+from miarobust.attacks.threat import ThreatModel
+from miarobust.errors import UserError
+from miarobust.results import CONFIG, PARTIAL, SAMPLES, SUMMARY, run_id, write_csv, write_json
+from miarobust.stats import wilson
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run's numbers (plus where to write them). Goes into config.json."""
+
+    model: str = "mia_vit_fmnist"
+    checkpoint: str | None = None
+    gate_mode: str | None = None
+    num_classes: int | None = None
+    img_size: int | None = None
+    data: str = "embedded"
+    data_root: str | None = None
+    split: str = "test"
+    attacks: tuple[str, ...] = ("pgd",)
+    norm: str = "Linf"
+    eps: float = 8 / 255
+    eps_text: str = "8/255"
+    steps: int = 10
+    alpha: float | None = None
+    restarts: int = 1
+    eot: int = 1
+    eot_chunk: int | None = None
+    eval_samples: int = 10
+    surrogate: str | None = None
+    keep_prediction: bool = False
+    n: int | None = None
+    batch_size: int = 100
+    seed: int = 0
+    device: str = "cpu"
+    checks: str = "auto"
+    out: str = "results"
+
+    def attack_config(self) -> AttackConfig:
+        return AttackConfig(norm=self.norm, eps=self.eps, steps=self.steps, alpha=self.alpha, restarts=self.restarts,
+                            eot=self.eot, eot_chunk=self.eot_chunk, surrogate=self.surrogate,
+                            keep_prediction=self.keep_prediction, seed=self.seed)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the numbers: same identity, same results folder (and resume)."""
+        d = asdict(self)
+        for k in ("out", "checks", "eot_chunk", "device"):
+            d.pop(k)
+        return d
+
+    def folder_name(self) -> str:
+        attacks = "+".join(self.attacks)
+        eps = self.eps_text.replace("/", "_")
+        return f"{self.model}-{self.data}-{attacks}-{self.norm}-{eps}-{run_id(self.identity())}"
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of batch `batch`: independent of the batches before it."""
+    return (seed * 1_000_003 + batch * 7919 + 12345) % (2**63 - 1)
+
+
+def environment() -> dict[str, Any]:
+    """Package versions, git revision and machine, for config.json."""
+    import timm
+    import torchattacks
+
+    import miarobust
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                "torchattacks": torchattacks.__version__, "miarobust": miarobust.__version__}
+    try:
+        from importlib.metadata import version
+
+        versions["pyautoattack"] = version("pyautoattack")
+    except Exception:  # noqa: BLE001
+        versions["pyautoattack"] = None
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    return {"versions": versions, "git_revision": rev, "machine": platform.machine(), "threads": torch.get_num_threads()}
+
+
+class Evaluation:
+    """One run: builds the model, data and attacks from a RunConfig and evaluates batch by batch."""
+
+    def __init__(self, cfg: RunConfig):
+        from miarobust.data import Geometry, load_dataset
+        from miarobust.models import create
+        from miarobust.models.gates import GateMode
+        from miarobust.models.mia_former import MIAFormer
+        from miarobust.models.normalize import Normalized
+
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {cfg.device} asked for, but CUDA is not available here: use --device cpu.")
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        acfg = cfg.attack_config()
+        self.attacks: list[AttackInfo] = [get_attack(a, acfg) for a in cfg.attacks]
+        backbone = create(cfg.model, checkpoint=cfg.checkpoint, num_classes=cfg.num_classes, img_size=cfg.img_size)
+        self.mia = backbone if isinstance(backbone, MIAFormer) else None
+        if cfg.gate_mode is not None:
+            mode = GateMode.parse(cfg.gate_mode)
+            if self.mia is None:
+                raise UserError(f"--gate-mode applies to MIA-Former models only; {cfg.model} is static.")
+            if mode is GateMode.GUMBEL:
+                raise UserError("gate mode 'gumbel' is for training: use full, deterministic or stochastic.")
+            self.mia.set_gate_mode(mode)
+        self.model = Normalized(backbone).to(self.device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.victim = Victim(self.model, self.mia, self.device)
+        self.dataset: Dataset = load_dataset(cfg.data, Geometry.of(backbone), cfg.data_root, cfg.split)
+        classes = getattr(self.dataset, "num_classes", None)
+        out_dim = backbone.num_classes
+        if classes is not None and classes > out_dim:
+            raise UserError(f"{cfg.data} has {classes} classes but {cfg.model} outputs {out_dim}: pass --num-classes {classes}.")
+        self.n = len(self.dataset) if cfg.n is None else cfg.n
+        if self.n > len(self.dataset):
+            log.warning("--n %d is larger than %s (%d images): evaluating all %d", self.n, cfg.data, len(self.dataset), len(self.dataset))
+            self.n = len(self.dataset)
+        self.draws = cfg.eval_samples if self.victim.stochastic else 1
+        self.threat = ThreatModel(cfg.norm, cfg.eps)
+        self.acfg = acfg
+        self.attack_fns = [build_attack(info, self.victim, acfg) for info in self.attacks]
+        self.num_batches = (self.n + cfg.batch_size - 1) // cfg.batch_size
+
+    # -- one batch --------------------------------------------------------------------------------------
+    def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images, labels and data-set indices of batch b."""
+        lo, hi = b * self.cfg.batch_size, min((b + 1) * self.cfg.batch_size, self.n)
+        items = [self.dataset[i] for i in range(lo, hi)]
+        x = torch.stack([it[0] for it in items])
+        y = torch.tensor([it[1] for it in items], dtype=torch.long)
+        if x.dim() != 4:
+            raise UserError(f"images of {self.cfg.data} have shape {tuple(x.shape[1:])}, expected (C, H, W).")
+        return x, y, torch.arange(lo, hi)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Prediction (majority over draws), correctness (mean over draws) and GMACs (mean) per image."""
+        votes = torch.zeros(len(x), self.model.model.num_classes, device=x.device)
+        correct = torch.zeros(len(x), device=x.device)
+        macs = torch.zeros(len(x), device=x.device)
+        for _ in range(self.draws):
+            pred = self.model(x).argmax(1)
+            votes[torch.arange(len(x)), pred] += 1
+            correct += (pred == y).float()
+            macs += self.macs(len(x))
+        return {"pred": votes.argmax(1), "correct": correct / self.draws, "gmacs": macs / self.draws / 1e9}
+
+    def macs(self, b: int) -> torch.Tensor:
+        """MACs per image of the latest forward: the executed structure for MIA-Former, fixed for static."""
+        if self.mia is not None:
+            return self.mia.last.macs.detach().to(self.device)
+        from miarobust.models.flops import VitDims, static_macs
+
+        return torch.full((b,), float(static_macs(VitDims.of(self.model))), device=self.device)
+
+    def run_batch(self, b: int) -> pd.DataFrame:
+        """Per-sample records of batch b (the threat model is checked before anything counts)."""
+        torch.manual_seed(batch_seed(self.cfg.seed, b))
+        x, y, idx = self.batch(b)
+        x, y = x.to(self.device), y.to(self.device)
+        clean = self.predict(x, y)
+        rec: dict[str, Any] = {"index": idx.numpy(), "label": y.cpu().numpy(), "clean_pred": clean["pred"].cpu().numpy(),
+                               "clean_correct": clean["correct"].cpu().numpy(), "clean_gmacs": clean["gmacs"].cpu().numpy()}
+        worst = clean["correct"].clone()
+        for info, fn in zip(self.attacks, self.attack_fns):
+            if info.name == "none":
+                continue
+            torch.manual_seed(batch_seed(self.cfg.seed, b) + 1 + list(ATTACKS).index(info.name))
+            x_adv = fn(x, y).detach()
+            dist = self.threat.check(x, x_adv, info.name)
+            adv = self.predict(x_adv, y)
+            a = info.name
+            rec[f"{a}_pred"] = adv["pred"].cpu().numpy()
+            rec[f"{a}_adv_correct"] = adv["correct"].cpu().numpy()
+            rec[f"{a}_correct"] = torch.minimum(adv["correct"], clean["correct"]).cpu().numpy()
+            rec[f"{a}_gmacs"] = adv["gmacs"].cpu().numpy()
+            rec[f"{a}_linf"] = (x_adv - x).flatten(1).abs().amax(1).cpu().numpy()
+            rec[f"{a}_l2"] = (x_adv - x).flatten(1).norm(dim=1).cpu().numpy()
+            rec[f"{a}_dist"] = dist.cpu().numpy()
+            worst = torch.minimum(worst, adv["correct"])
+        rec["robust"] = worst.cpu().numpy()
+        return pd.DataFrame(rec)
+
+
+def summarize(cfg: RunConfig, samples: pd.DataFrame, attacks: list[AttackInfo], draws: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """summary.json from samples.csv: every number here is recomputable from the per-sample records."""
+    n = len(samples)
+    acfg = cfg.attack_config()
+
+    def prop(col: str) -> dict[str, Any]:
+        s = float(samples[col].sum())
+        lo, hi = wilson(s, n)
+        return {"acc": s / n if n else 0.0, "ci95": [lo, hi], "n": n}
+
+    stochastic = draws > 1
+    per_attack = {}
+    for info in attacks:
+        if info.name == "none":
+            continue
+        a = info.name
+        entry = prop(f"{a}_correct")
+        entry.update({
+            "gmacs_mean": float(samples[f"{a}_gmacs"].mean()),
+            "eot": info.eot(acfg) if info.own_eot <= 1 else info.own_eot,
+            "adaptive": info.adaptive(acfg),
+            "label": ("adaptive" if info.adaptive(acfg) else "non-adaptive") if stochastic else "deterministic-model",
+            "max_dist": float(samples[f"{a}_dist"].max()) if n else 0.0,
+        })
+        per_attack[a] = entry
+    gm = samples["clean_gmacs"]
+    return {
+        "model": cfg.model, "data": cfg.data, "gate_mode": extra.get("gate_mode"), "n": n,
+        "norm": cfg.norm, "eps": cfg.eps, "eps_text": cfg.eps_text, "steps": cfg.steps,
+        "eval_samples": draws, "stochastic": stochastic,
+        "clean": prop("clean_correct"),
+        "attacks": per_attack,
+        "robust": prop("robust"),
+        "non_adaptive": stochastic and any(not v["adaptive"] for v in per_attack.values()),
+        "gmacs": {"clean_mean": float(gm.mean()), "clean_p5": float(gm.quantile(0.05)), "clean_p50": float(gm.quantile(0.5)),
+                  "clean_p95": float(gm.quantile(0.95)),
+                  "adv_mean": {a: v["gmacs_mean"] for a, v in per_attack.items()}},
+        **{k: v for k, v in extra.items() if k != "gate_mode"},
+    }
+
+
+@dataclass
+class RunResult:
+    folder: Path
+    summary: dict[str, Any]
+
+
+class FolderLock:
+    """An exclusive lock on a run folder: two processes never write the same run at once."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".lock"
+
+    def __enter__(self) -> FolderLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise UserError(f"another miarobust process is writing {self.path.parent}: wait for it to finish.") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def partial_name(b: int) -> str:
+    return f"batch_{b:06d}.csv"
+
+
+def batches_todo(folder: Path, num_batches: int, rank: int = 0, world: int = 1) -> Iterator[int]:
+    """Batches of this rank (b % world == rank) not yet saved in folder/partial."""
+    done = {p.name for p in (folder / PARTIAL).glob("batch_*.csv")}
+    return (b for b in range(rank, num_batches, world) if partial_name(b) not in done)
+
+
+def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1) -> RunResult:
+    """Evaluate and write the run folder cfg.out/<name>/ (resuming finished batches); returns the summary.
+
+    With world > 1 (see distributed.py) each rank evaluates its batches into the shared folder's partial/,
+    and rank 0 merges after a barrier.
+    """
+    from tqdm.auto import tqdm
+
+    ev = Evaluation(cfg)
+    folder = Path(cfg.out) / cfg.folder_name()
+    started = time.time()
+    lock = FolderLock(folder) if world == 1 else _NoLock()
+    with lock:
+        if (folder / SUMMARY).is_file() and (folder / SAMPLES).is_file():
+            summary = json.loads((folder / SUMMARY).read_text())
+            log.info("%s is complete already: nothing to do", folder)
+            return RunResult(folder, summary)
+        if rank == 0:
+            write_json(folder / CONFIG, {**asdict(cfg), "environment": environment(),
+                                         "gate_mode": ev.mia.gate_mode.value if ev.mia else None,
+                                         "checkpoint": getattr(ev.model.model, "checkpoint", None)})
+        todo = list(batches_todo(folder, ev.num_batches, rank, world))
+        bar = tqdm(todo, desc=f"{cfg.model} x {'+'.join(cfg.attacks)}", unit="batch", disable=not progress or rank != 0)
+        for b in bar:
+            frame = ev.run_batch(b)
+            write_csv(folder / PARTIAL / partial_name(b), frame)
+            bar.set_postfix(clean=f"{frame['clean_correct'].mean():.3f}", robust=f"{frame['robust'].mean():.3f}")
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if rank != 0:
+            return RunResult(folder, {})
+        return RunResult(folder, finish(cfg, ev, folder, time.time() - started))
+
+
+class _NoLock:
+    def __enter__(self) -> _NoLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def finish(cfg: RunConfig, ev: Evaluation, folder: Path, seconds: float) -> dict[str, Any]:
+    """Merge partial/ into samples.csv, run the checks, write summary.json, remove partial/."""
+    parts = sorted((folder / PARTIAL).glob("batch_*.csv"))
+    if len(parts) != ev.num_batches:
+        raise RuntimeError(f"{folder}: {len(parts)} of {ev.num_batches} batches present after the run")
+    samples = pd.concat([pd.read_csv(p) for p in parts], ignore_index=True)
+    write_csv(folder / SAMPLES, samples)
+    samples = pd.read_csv(folder / SAMPLES)  # summarise what is on disk, so summary == f(samples.csv)
+    extra: dict[str, Any] = {"gate_mode": ev.mia.gate_mode.value if ev.mia else None, "wall_seconds": seconds,
+                             "folder": folder.name}
+    summary = summarize(cfg, samples, ev.attacks, ev.draws, extra)
+    from miarobust.checks import run_checks
+
+    summary["checks"] = run_checks(cfg, ev, samples, summary)
+    write_json(folder / SUMMARY, summary)
+    for p in parts:
+        p.unlink()
+    (folder / PARTIAL).rmdir()
+    return summary

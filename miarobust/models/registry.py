@@ -1,0 +1,104 @@
+"""Create a registered model by name, with weights from a local file, checked before they load.
+
+Loading never executes code: safetensors, or `torch.load(weights_only=True)` for timm's `.pth` files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from miarobust.errors import UserError, unknown_name
+
+#: CLI names: the static baselines and the MIA-Former models (all timm entrypoints of this package).
+STATIC_MODELS = ("vit_fmnist", "deit_t", "deit_s", "deit_b")
+MIA_MODELS = ("mia_vit_fmnist", "mia_deit_t", "mia_deit_s", "mia_deit_b")
+
+
+def model_names() -> list[str]:
+    """Every model name `create` takes: this package's timm entrypoints."""
+    import miarobust.models  # noqa: F401  (registers them)
+
+    return [n for n in STATIC_MODELS + MIA_MODELS if timm.is_model(n)]
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a timm/torch checkpoint, never unpickling code."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: pass --checkpoint with an existing .safetensors or .pth file.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path))
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (any parse failure of a foreign file is the user's file problem)
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"checkpoint {path} cannot be read safely ({first}): it is truncated, corrupt, or a pickle that "
+            "carries code. Use a .safetensors file or a plain state dict saved with torch.save."
+        ) from e
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"checkpoint {path} holds no state dict of tensors: save the model's state_dict().")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Load `sd` into `model` after timm's filter (position-embedding resize); only controller keys may be missing."""
+    from timm.models.deit import checkpoint_filter_fn
+
+    sd = checkpoint_filter_fn(sd, model)
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise UserError(
+            f"checkpoint {source} is for another architecture or class count ({wrong[0]}"
+            f"{f' and {len(wrong) - 1} more' if len(wrong) > 1 else ''}): pick the matching --model or --num-classes."
+        )
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith("controller.")]
+    if missing or unexpected:
+        names = (missing or unexpected)[:3]
+        raise UserError(
+            f"checkpoint {source} does not match the model ({'missing' if missing else 'unexpected'} keys "
+            f"{', '.join(names)}...): pick the matching --model."
+        )
+
+
+def create(
+    name: str,
+    checkpoint: str | os.PathLike[str] | None = None,
+    pretrained: bool = True,
+    **kwargs: Any,
+) -> torch.nn.Module:
+    """Model `name` in eval mode with weights from `checkpoint`, else its shipped weights if it has any.
+
+    kwargs go to timm (num_classes, img_size, gate_mode, ...); None values keep the model's defaults.
+    """
+    names = model_names()
+    if name not in names:
+        raise unknown_name("model", name, names)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise UserError(f"cannot build {name} with {kwargs}: {e}") from e
+    source = str(checkpoint) if checkpoint else None
+    if source is None and pretrained:
+        shipped = model.pretrained_cfg.get("file")
+        if shipped and Path(shipped).is_file():
+            source = shipped
+    if source is not None:
+        load_weights(model, read_state_dict(source), source)
+    model.checkpoint = source  # recorded in config.json
+    return model.eval()

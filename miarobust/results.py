@@ -1,0 +1,56 @@
+"""The results store: one folder per run with config.json, samples.csv and summary.json, written atomically.
+
+Every file of the project is written through `atomic_write`: a temporary file in the same folder, fsync,
+then `os.replace`, so a killed process leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import pandas as pd
+
+CONFIG, SAMPLES, SUMMARY, PARTIAL = "config.json", "samples.csv", "summary.json", "partial"
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
+    """Write `path` through `write(file)` into a temporary sibling, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Atomically write a text file."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Atomically write JSON (sorted keys, indented, NaN refused)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def write_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> None:
+    """Atomically write a CSV with a fixed float format, so equal results give equal bytes."""
+    write_text(path, frame.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
+
+
+def run_id(config: dict[str, Any]) -> str:
+    """A short, stable name for a run from the arguments that determine its numbers."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]

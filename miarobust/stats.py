@@ -1,0 +1,45 @@
+"""Statistics of per-sample results: pure functions, no I/O."""
+
+from __future__ import annotations
+
+import math
+
+Z95 = 1.959963984540054
+
+
+def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval (Wilson 1927) for a proportion; `successes` may be fractional (mean of draws)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def normal_sf(z: float) -> float:
+    """Survival function of the standard normal."""
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def two_proportion_drop_p(base_successes: float, base_n: int, new_successes: float, new_n: int) -> float:
+    """One-sided p-value that the new proportion is lower than the base (pooled two-proportion z-test)."""
+    if base_n <= 0 or new_n <= 0:
+        return 1.0
+    p1, p2 = base_successes / base_n, new_successes / new_n
+    pooled = (base_successes + new_successes) / (base_n + new_n)
+    se = math.sqrt(max(pooled * (1 - pooled) * (1 / base_n + 1 / new_n), 1e-12))
+    return normal_sf((p1 - p2) / se)
+
+
+def paired_drop_p(only_base: int, only_new: int) -> float:
+    """One-sided exact McNemar p-value that the new run is worse, from the discordant pairs of the same samples.
+
+    only_base: samples correct in the base run only; only_new: correct in the new run only.
+    """
+    n = only_base + only_new
+    if n == 0:
+        return 1.0
+    # P(X >= only_base) for X ~ Binomial(n, 1/2)
+    return sum(math.comb(n, k) for k in range(only_base, n + 1)) / 2**n

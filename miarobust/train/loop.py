@@ -1,0 +1,177 @@
+"""The epoch loop shared by every trainer: batches, progress bar, evaluation, per-epoch resume, curves.
+
+Per epoch it writes (atomically) into the run folder: `model.safetensors` (weights only), `state.pt`
+(optimizer, scheduler, epoch, RNG; tensors and plain values, loaded with weights_only=True),
+`log.csv` (one row per epoch) and `curves.png`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from miarobust.errors import UserError
+from miarobust.results import atomic_write, write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+Evaluate = Callable[[], dict[str, float]]
+
+
+@dataclass
+class TrainConfig:
+    """Arguments of `miarobust train`; what goes into the run folder's config.json."""
+
+    model: str
+    data: str = "fashion-mnist"
+    data_root: str | None = None
+    out: str = "runs/train"
+    epochs: int = 12
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    seed: int = 0
+    device: str = "cpu"
+    init: str | None = None
+    budget: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random shifts by up to `pad` pixels and horizontal flips, on a batch (B, C, H, W) in [0, 1]."""
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)
+    cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)
+    out = padded[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[None, :, None, None],
+                 rows[:, None, :, None], cols[:, None, None, :]]
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+def plot_curves(frame: pd.DataFrame, path: Path, title: str) -> None:
+    """Accuracy (and FLOPs ratio, when logged) per epoch as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [c for c in ("train_acc", "test_acc") if c in frame]
+    extra = [c for c in ("flops_ratio", "flops_ratio_stochastic") if c in frame]
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(10 if extra else 5.5, 4), squeeze=False)
+    ax = axes[0, 0]
+    for c in cols:
+        ax.plot(frame["epoch"], 100 * frame[c], marker="o", label=c.replace("_", " "))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if extra:
+        ax2 = axes[0, 1]
+        for c in extra:
+            ax2.plot(frame["epoch"], frame[c], marker="o", label=c.replace("_", " "))
+        if "budget" in frame:
+            ax2.axhline(frame["budget"].iloc[-1], ls="--", color="grey", label="budget")
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel("GMACs / static GMACs")
+        ax2.grid(alpha=0.3)
+        ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay to zero, as a factor of the base learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def fit(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    train_set: Dataset,
+    step: Step,
+    evaluate: Evaluate,
+    on_epoch_start: Callable[[int], None] | None = None,
+) -> pd.DataFrame:
+    """Train for cfg.epochs, resuming from cfg.out/state.pt; returns the per-epoch log."""
+    from safetensors.torch import save
+
+    out = Path(cfg.out)
+    device = torch.device(cfg.device)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, warmup))
+    rows: list[dict[str, Any]] = []
+    start = 0
+    state_file = out / "state.pt"
+    if state_file.is_file():
+        try:
+            state = torch.load(state_file, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"], strict=True)
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start = int(state["epoch"])
+            rows = pd.read_csv(out / "log.csv").to_dict("records")[:start]
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"cannot resume from {out} ({e}): delete the folder or choose another --out.") from e
+        log.info("resuming %s after epoch %d", out, start)
+    write_json(out / "config.json", asdict(cfg))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(start, cfg.epochs):
+        gen.manual_seed(cfg.seed * 1000 + epoch)  # the epoch's shuffle and augmentation do not depend on resumes
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        if on_epoch_start:
+            on_epoch_start(epoch)
+        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=False)
+        model.train()
+        sums: dict[str, float] = {}
+        seen = 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+        for x, y in bar:
+            x, y = augment(x, gen).to(device), y.to(device)
+            loss, metrics = step(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            opt.step()
+            sched.step()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * len(y)
+            seen += len(y)
+            bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()})
+        model.eval()
+        row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0], **{k: v / seen for k, v in sums.items()}, **evaluate()}
+        rows.append(row)
+        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
+        frame = pd.DataFrame(rows)
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_write(out / "model.safetensors", lambda f: f.write(save(weights, metadata={"epoch": str(epoch + 1)})))
+        write_csv(out / "log.csv", frame)
+        buf = io.BytesIO()
+        torch.save({"model": weights, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1}, buf)
+        atomic_write(state_file, lambda f: f.write(buf.getvalue()))
+        plot_curves(frame, out / "curves.png", f"{cfg.model} on {cfg.data}")
+    return pd.DataFrame(rows)
