@@ -86,7 +86,8 @@ def model_option(default: str | None) -> Any:
               help="Gate draws averaged for accuracy of a stochastic model.")
 @click.option("--surrogate", default=None, help="Surrogate model for --attack transfer (default vit_fmnist).")
 @click.option("--keep-prediction", is_flag=True, help="slowdown: keep the clean label while raising MACs.")
-@click.option("--n", type=click.IntRange(min=1), default=None, help="Evaluate the first N images (default: all).")
+@click.option("-n", "--n", type=click.IntRange(min=1), default=None,
+              help="Evaluate the first N images (default: all). Under torchrun write -n: it takes --n for its own --nnodes.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
@@ -104,10 +105,14 @@ def run_cmd(**kw: Any) -> None:
         try:
             res = run(cfg, progress=sys.stderr.isatty() or world == 1, rank=rank, world=world)
         except KeyboardInterrupt:
-            from miarobust.evaluate import RunConfig  # noqa: F401
+            from pathlib import Path
 
-            click.echo(f"interrupted: finished batches are kept under {cfg.out}/; run the same command again to resume.",
-                       err=True)
+            partial = Path(cfg.out) / cfg.folder_name() / "partial"
+            done = len(list(partial.glob("batch_*.csv")))
+            if rank == 0:
+                click.echo(f"interrupted: {done} finished batches are kept in {partial}; run the same command again "
+                           "to resume." if done else "interrupted before any batch finished: nothing was written.",
+                           err=True)
             sys.exit(130)
         if rank == 0:
             click.echo(format_summary(res.folder, res.summary))
@@ -225,6 +230,45 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
         click.echo(f"interrupted: finished epochs are kept in {out}; run the same command again to resume.", err=True)
         sys.exit(130)
     click.echo(f"done: weights in {out}/model.safetensors, log in {out}/log.csv, curves in {out}/curves.png")
+
+
+@cli.command("report")
+@click.argument("path", type=click.Path(file_okay=False, path_type=str))
+@click.option("--out", default=None, help="Folder for report.md/.csv/.tex and the plots (default: PATH).")
+@click.option("--pdf", is_flag=True, help="Write every plot as PDF too.")
+@click.option("--robustbench", is_flag=True, help="Also write RobustBench model-info JSON per model (robustbench/).")
+def report_cmd(path: str, out: str | None, pdf: bool, robustbench: bool) -> None:
+    """Tables and plots from every run folder below PATH (unfinished or corrupt runs are skipped)."""
+    from miarobust.report import write_report
+
+    rep = write_report(path, out, pdf=pdf, robustbench=robustbench)
+    click.echo(f"{len(rep.runs)} runs reported, {len(rep.skipped)} skipped; wrote {len(rep.files)} files into {rep.out}:")
+    for f in rep.files:
+        click.echo(f"  {f.relative_to(rep.out)}")
+    for s in rep.skipped:
+        click.echo(f"skipped {s.folder}: {s.reason}")
+
+
+@cli.command("regress")
+@click.option("--baseline", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Folder of committed reference runs (e.g. results/baseline).")
+@click.option("--runs", default=None, type=click.Path(file_okay=False, path_type=str),
+              help="Folder of new runs to compare (same folder names); default: re-run the baseline's configs.")
+@click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01, show_default=True,
+              help="Significance level of the one-sided drop test.")
+@click.option("--tolerance", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Instead of the test: a regression is an accuracy drop larger than this (e.g. 0.02).")
+@click.option("--out", default=None, help="Keep re-runs in this folder (default: a temporary folder).")
+@click.option("--device", default=None, help="Device for re-runs (default: the recorded one).")
+def regress_cmd(baseline: str, runs: str | None, level: float, tolerance: float | None, out: str | None,
+                device: str | None) -> None:
+    """Compare clean and robust accuracy with a baseline; exit 1 when a drop is beyond the noise."""
+    from miarobust.regress import REGRESSED, RegressConfig, format_table, regress
+
+    table = regress(RegressConfig(baseline, runs, level, tolerance, out, device))
+    click.echo(format_table(table, level, tolerance))
+    if (table["status"] == REGRESSED).any():
+        sys.exit(1)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -135,16 +136,54 @@ def embedded(root: str | None, split: str, geometry: Geometry) -> TensorImages:
             return TensorImages(z["images"], z["labels"], geometry, FASHION_MNIST_CLASSES)
 
 
+CIFAR10_DIR = "cifar-10-batches-py"
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings and numpy arrays only, so a data-set file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a data file has no need of")
+        return super().find_class(module, name)
+
+
+def _read_cifar(path: Path) -> dict:
+    """One file of CIFAR-10's python version (a pickled dict), without executing code."""
+    if not path.is_file():
+        raise UserError(f"{path.parent} has no {path.name}: unpack CIFAR-10's python version (cifar-10-python.tar.gz, "
+                        f"https://www.cs.toronto.edu/~kriz/cifar.html) under --data-root.")
+    try:
+        with open(path, "rb") as f:
+            entry = _ArrayUnpickler(f, encoding="latin1").load()
+        if not isinstance(entry, dict):
+            raise ValueError("not a dict")
+        return entry
+    except Exception as e:  # noqa: BLE001  (any parse failure of a foreign file is the user's file problem)
+        raise UserError(f"{path} is not a CIFAR-10 batch file ({e}): unpack cifar-10-python.tar.gz again.") from e
+
+
 def cifar10(root: str | None, split: str, geometry: Geometry) -> TensorImages:
     """CIFAR-10 in torchvision's layout (cifar-10-batches-py) under --data-root; never downloads."""
-    from torchvision.datasets import CIFAR10
-
     path = _check_root(root, "CIFAR-10")
-    try:
-        ds = CIFAR10(str(path), train=split == "train", download=False)
-    except RuntimeError as e:
-        raise UserError(f"{path} holds no CIFAR-10 in torchvision's format (cifar-10-batches-py): {e}") from e
-    return TensorImages(ds.data, np.asarray(ds.targets), geometry, tuple(ds.classes))
+    base = path / CIFAR10_DIR if (path / CIFAR10_DIR).is_dir() else path
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    images, labels = [], []
+    for name in names:
+        entry = _read_cifar(base / name)
+        try:
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(int(v) for v in entry["labels"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise UserError(f"{base / name} is not a CIFAR-10 batch file (no 32x32 RGB 'data' and 'labels': {e}).") from e
+    classes = tuple(_read_cifar(base / "batches.meta").get("label_names", ())) or tuple(str(i) for i in range(10))
+    data = np.concatenate(images).transpose(0, 2, 3, 1)  # (N, 32, 32, 3), as torchvision holds it
+    return TensorImages(data, np.asarray(labels), geometry, classes)
 
 
 class CheckedImageFolder(Dataset):

@@ -12,6 +12,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from miarobust.errors import UserError
+
 
 @contextlib.contextmanager
 def distributed_context(cfg: Any) -> Iterator[tuple[int, int]]:
@@ -25,7 +27,14 @@ def distributed_context(cfg: Any) -> Iterator[tuple[int, int]]:
 
     cuda = cfg.device.startswith("cuda")
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if cfg.device != "cuda":
+            raise UserError(f"--device {cfg.device} under torchrun: use --device cuda, each rank takes the GPU of its "
+                            "LOCAL_RANK.")
+        if not torch.cuda.is_available() or local >= torch.cuda.device_count():
+            raise UserError(f"rank with LOCAL_RANK {local} needs GPU {local}, but {torch.cuda.device_count()} are "
+                            "visible: lower --nproc_per_node or use --device cpu.")
+        torch.cuda.set_device(local)  # so --device cuda means this rank's GPU, and nccl uses it
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         yield dist.get_rank(), dist.get_world_size()

@@ -11,11 +11,13 @@ non-adaptive.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -123,12 +125,20 @@ class Evaluation:
         from miarobust.models.mia_former import MIAFormer
         from miarobust.models.normalize import Normalized
 
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {cfg.device} asked for, but CUDA is not available here: use --device cpu.")
+        try:
+            self.device = torch.device(cfg.device)
+        except RuntimeError:
+            raise UserError(f"--device {cfg.device} is not a device: use cpu, cuda or cuda:N.") from None
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UserError(f"--device {cfg.device} asked for, but CUDA is not available here: use --device cpu.")
+            if (self.device.index or 0) >= torch.cuda.device_count():
+                raise UserError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA devices, "
+                                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
         acfg = cfg.attack_config()
         self.attacks: list[AttackInfo] = [get_attack(a, acfg) for a in cfg.attacks]
+        torch.manual_seed(cfg.seed)  # weights a checkpoint lacks (a controller, a model without shipped weights)
         backbone = create(cfg.model, checkpoint=cfg.checkpoint, num_classes=cfg.num_classes, img_size=cfg.img_size)
         self.mia = backbone if isinstance(backbone, MIAFormer) else None
         if cfg.gate_mode is not None:
@@ -272,8 +282,12 @@ class FolderLock:
         self.path = folder / ".lock"
 
     def __enter__(self) -> FolderLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write the run folder {self.path.parent} ({e.strerror}): pass --out with a "
+                            "writable folder.") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -299,45 +313,96 @@ def batches_todo(folder: Path, num_batches: int, rank: int = 0, world: int = 1) 
 def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1) -> RunResult:
     """Evaluate and write the run folder cfg.out/<name>/ (resuming finished batches); returns the summary.
 
-    With world > 1 (see distributed.py) each rank evaluates its batches into the shared folder's partial/,
-    and rank 0 merges after a barrier.
+    Bad input writes nothing: the model, data and attacks are built before the folder is made, and a run
+    that fails before it has finished a batch removes the folders it created. With world > 1 (see
+    distributed.py) rank 0 holds the folder lock and writes config.json before any rank starts; each rank
+    evaluates its batches into partial/, and rank 0 merges after a barrier.
     """
     from tqdm.auto import tqdm
 
     ev = Evaluation(cfg)
     folder = Path(cfg.out) / cfg.folder_name()
     started = time.time()
-    lock = FolderLock(folder) if world == 1 else _NoLock()
-    with lock:
-        if (folder / SUMMARY).is_file() and (folder / SAMPLES).is_file():
-            summary = json.loads((folder / SUMMARY).read_text())
-            log.info("%s is complete already: nothing to do", folder)
-            return RunResult(folder, summary)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first: ours to remove on failure
+    with contextlib.ExitStack() as stack:
+        state, message = "go", ""
         if rank == 0:
-            write_json(folder / CONFIG, {**asdict(cfg), "environment": environment(),
-                                         "gate_mode": ev.mia.gate_mode.value if ev.mia else None,
-                                         "checkpoint": getattr(ev.model.model, "checkpoint", None)})
+            try:
+                stack.enter_context(FolderLock(folder))
+            except UserError as e:
+                state, message = "busy", str(e)
+            if state == "go" and (folder / SUMMARY).is_file() and (folder / SAMPLES).is_file():
+                state = "done"
+            if state == "go":
+                write_json(folder / CONFIG, {**asdict(cfg), "environment": environment(),
+                                             "gate_mode": ev.mia.gate_mode.value if ev.mia else None,
+                                             "checkpoint": getattr(ev.model.model, "checkpoint", None)})
+        if world > 1:
+            state, message = _broadcast((state, message))
+        if state == "busy":
+            raise UserError(message)
+        if state == "done":
+            log.info("%s is complete already: nothing to do", folder)
+            return RunResult(folder, json.loads((folder / SUMMARY).read_text()) if rank == 0 else {})
         todo = list(batches_todo(folder, ev.num_batches, rank, world))
         bar = tqdm(todo, desc=f"{cfg.model} x {'+'.join(cfg.attacks)}", unit="batch", disable=not progress or rank != 0)
-        for b in bar:
-            frame = ev.run_batch(b)
-            write_csv(folder / PARTIAL / partial_name(b), frame)
-            bar.set_postfix(clean=f"{frame['clean_correct'].mean():.3f}", robust=f"{frame['robust'].mean():.3f}")
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        error: Exception | None = None
+        try:
+            for b in bar:
+                frame = ev.run_batch(b)
+                write_csv(folder / PARTIAL / partial_name(b), frame)
+                bar.set_postfix(clean=f"{frame['clean_correct'].mean():.3f}", robust=f"{frame['robust'].mean():.3f}")
+        except Exception as e:  # noqa: BLE001  (re-raised below, once every rank knows)
+            error = e
+        except BaseException:  # interrupted: no collective, the other ranks are interrupted too
+            if rank == 0:
+                _remove_if_nothing_finished(folder, created)
+            raise
+        finally:
+            bar.close()
+        failed = _gather_failures(error, world)
+        if failed:
+            if rank == 0:
+                _remove_if_nothing_finished(folder, created)
+            if error is not None:
+                raise error
+            raise UserError(f"rank {failed[0][0]} failed: {failed[0][1]}")
         if rank != 0:
             return RunResult(folder, {})
         return RunResult(folder, finish(cfg, ev, folder, time.time() - started))
 
 
-class _NoLock:
-    def __enter__(self) -> _NoLock:
-        return self
+def _broadcast(obj: Any) -> Any:
+    """`obj` of rank 0, on every rank."""
+    import torch.distributed as dist
 
-    def __exit__(self, *exc: object) -> None:
-        pass
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather_failures(error: Exception | None, world: int) -> list[tuple[int, str]]:
+    """(rank, message) of every rank whose batches failed; also the barrier before rank 0 merges."""
+    mine = [] if error is None else [(0, str(error))]
+    if world == 1:
+        return mine
+    import torch.distributed as dist
+
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, None if error is None else str(error))
+    return [(r, m) for r, m in enumerate(every) if m is not None]
+
+
+def _remove_if_nothing_finished(folder: Path, created: list[Path]) -> None:
+    """After a failure: remove the run folder and the parents this run created, unless a batch is saved."""
+    if folder not in created or any((folder / PARTIAL).glob("batch_*.csv")):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in created[1:]:
+        try:
+            parent.rmdir()  # only if empty: another run may have started writing into it
+        except OSError:
+            break
 
 
 def finish(cfg: RunConfig, ev: Evaluation, folder: Path, seconds: float) -> dict[str, Any]:
@@ -355,7 +420,5 @@ def finish(cfg: RunConfig, ev: Evaluation, folder: Path, seconds: float) -> dict
 
     summary["checks"] = run_checks(cfg, ev, samples, summary)
     write_json(folder / SUMMARY, summary)
-    for p in parts:
-        p.unlink()
-    (folder / PARTIAL).rmdir()
+    shutil.rmtree(folder / PARTIAL)  # with any temporary file a killed run left mid-write
     return summary

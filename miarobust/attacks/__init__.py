@@ -39,6 +39,7 @@ class AttackConfig:
     surrogate: str | None = None
     surrogate_checkpoint: str | None = None
     keep_prediction: bool = False
+    queries: int = 5000  # Square's query budget (AutoAttack's default); the sanity checks may lower it
     seed: int = 0
 
     @property
@@ -90,6 +91,8 @@ class AttackInfo:
     norms: tuple[str, ...] = ("Linf", "L2")
     min_eot: int = 1  # the attack's default K when --eot is not given
     own_eot: int = 0  # EOT iterations the attack runs itself (autoattack-rand)
+    white_box: bool = True  # attacks accuracy through the victim's own gradients (the checks compare with Square)
+    stepped: bool = False  # its strength follows --steps / --restarts (the checks rerun it with more)
 
     def eot(self, cfg: AttackConfig) -> int:
         """K of the EOT wrapper this attack uses under `cfg`."""
@@ -174,8 +177,9 @@ def _autoattack(attacks: list[str] | None, version: str) -> Callable[[Victim, At
         def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             aa = AutoAttack(model, attacks=attacks, device=x.device, eps=cfg.eps, norm=cfg.norm,
                             seed=cfg.seed, version=version)
+            aa.square.n_queries = cfg.queries
             with capture_autoattack_warnings() as warned:
-                adv = aa.run_standard_evaluation(x, y, batch_size=len(x))
+                adv, _ = aa.run_standard_evaluation(x, y, batch_size=len(x))  # returns (x_adv, y_adv)
             run.warnings.extend(warned)
             return adv
 
@@ -213,22 +217,27 @@ def build_slowdown(victim: Victim, cfg: AttackConfig, eot: int = 1) -> AttackFn:
 ATTACKS: dict[str, AttackInfo] = {
     a.name: a
     for a in (
-        AttackInfo("none", "no attack: clean accuracy only", lambda v, c, k=1: (lambda x, y: x)),
+        AttackInfo("none", "no attack: clean accuracy only", lambda v, c, k=1: (lambda x, y: x), white_box=False),
         AttackInfo("fgsm", "FGSM, one signed step (Linf)", build_fgsm, norms=("Linf",)),
-        AttackInfo("pgd", "PGD on cross-entropy (torchattacks), random start, --restarts", build_pgd),
-        AttackInfo("pgd-cw", "PGD on the Carlini-Wagner margin loss", build_pgd_cw),
-        AttackInfo("cw", "Carlini-Wagner L2 (torchattacks); results beyond eps count as failures", build_cw, norms=("L2",)),
-        AttackInfo("eot-pgd", "PGD with EOT over gate draws (--eot K, default 8)", build_pgd, min_eot=8),
-        AttackInfo("bpda-pgd", "PGD through straight-through gates (BPDA), EOT when --eot > 1", build_bpda_pgd),
-        AttackInfo("transfer", "PGD on a static surrogate (--surrogate), evaluated on the target", build_transfer),
+        AttackInfo("pgd", "PGD on cross-entropy (torchattacks), random start, --restarts", build_pgd, stepped=True),
+        AttackInfo("pgd-cw", "PGD on the Carlini-Wagner margin loss", build_pgd_cw, stepped=True),
+        AttackInfo("cw", "Carlini-Wagner L2 (torchattacks); results beyond eps count as failures", build_cw,
+                   norms=("L2",), stepped=True),
+        AttackInfo("eot-pgd", "PGD with EOT over gate draws (--eot K, default 8)", build_pgd, min_eot=8, stepped=True),
+        AttackInfo("bpda-pgd", "PGD through straight-through gates (BPDA), EOT when --eot > 1", build_bpda_pgd,
+                   stepped=True),
+        AttackInfo("transfer", "PGD on a static surrogate (--surrogate), evaluated on the target", build_transfer,
+                   white_box=False),
         AttackInfo("apgd-ce", "APGD on cross-entropy (pyautoattack)", _autoattack(["apgd-ce"], "custom")),
         AttackInfo("apgd-dlr", "APGD on the DLR loss (pyautoattack)", _autoattack(["apgd-dlr"], "custom")),
-        AttackInfo("square", "Square Attack, black-box, 5000 queries (pyautoattack)", _autoattack(["square"], "custom")),
+        AttackInfo("square", "Square Attack, black-box, 5000 queries (pyautoattack)", _autoattack(["square"], "custom"),
+                   white_box=False),
         AttackInfo("autoattack", "AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square (pyautoattack)",
                    _autoattack(None, "standard")),
         AttackInfo("autoattack-rand", "AutoAttack rand: APGD-CE and APGD-DLR with EOT 20 (pyautoattack)",
                    _autoattack(None, "rand"), own_eot=20),
-        AttackInfo("slowdown", "energy attack: maximise the MACs an adaptive model spends", build_slowdown),
+        AttackInfo("slowdown", "energy attack: maximise the MACs an adaptive model spends", build_slowdown,
+                   white_box=False),  # gradient-based, but it does not aim at accuracy
     )
 }
 

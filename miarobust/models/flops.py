@@ -91,6 +91,6 @@ def torch_counted_macs(model: nn.Module, x: torch.Tensor) -> float:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:
         model(x)
     return counter.get_total_flops() / 2 / x.shape[0]

@@ -109,7 +109,7 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 def fit(
     cfg: TrainConfig,
     model: torch.nn.Module,
-    params: list[torch.nn.Parameter],
+    params: list[torch.nn.Parameter] | list[dict[str, Any]],
     train_set: Dataset,
     step: Step,
     evaluate: Evaluate,
@@ -121,6 +121,7 @@ def fit(
     out = Path(cfg.out)
     device = torch.device(cfg.device)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    flat = [p for g in opt.param_groups for p in g["params"]]
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, warmup))
@@ -155,7 +156,7 @@ def fit(
             loss, metrics = step(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            torch.nn.utils.clip_grad_norm_(flat, 5.0)
             opt.step()
             sched.step()
             for k, v in metrics.items():

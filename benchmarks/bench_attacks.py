@@ -1,0 +1,166 @@
+"""Speed and robust accuracy of miarobust's attacks against torchattacks called directly, in one run.
+
+On the same model, images, eps and steps:
+
+1. `pgd` (miarobust.attacks.build_attack) vs torchattacks.PGD: the same attack underneath, so the adversarial
+   images must be identical and miarobust's overhead small (goal: <= 5% slower).
+2. `eot-pgd` with K = 8 (one batched pass of B*K rows through attacks/eot.EOT per step) vs
+   torchattacks.EOTPGD(eot_iter=8) (K separate passes per step, gradients summed) on the stochastic
+   MIA-Former. The objectives differ slightly (ours: cross-entropy of the mean softmax, -log E[p_y];
+   theirs: mean of the per-draw cross-entropies), so robust accuracy should agree within the intervals,
+   not exactly.
+3. EOT chunk size (rows per forward, attacks/eot.default_chunk): time of one EOT forward+backward (K = 8)
+   per chunk size on this machine.
+
+Calls alternate between the two sides and the median of --reps repetitions is reported, so drift of a
+shared machine cancels. Robust accuracy of a stochastic model is the mean over --eval-samples gate draws
+per image, as in the evaluator, with a 95% Wilson interval. Prints markdown tables.
+
+    python benchmarks/bench_attacks.py [-n 200] [--batch-size 100] [--steps 10] [--reps 3] [--threads 2]
+        [--chunks 64,128,256,512,1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import miarobust.models  # noqa: F401  (registers the models)
+from miarobust.attacks import AttackConfig, Victim, build_attack, get_attack
+from miarobust.attacks.eot import EOT, default_chunk
+from miarobust.data import Geometry, load_dataset
+from miarobust.models import create
+from miarobust.models.normalize import Normalized
+from miarobust.stats import wilson
+
+Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def load(name: str, gate_mode: str | None = None) -> tuple[Normalized, torch.nn.Module]:
+    model = create(name, gate_mode=gate_mode)
+    if model.checkpoint is None:
+        print(f"note: {name} has no weights here; timing a randomly initialised model")
+    net = Normalized(model).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net, model
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(zip(x.split(size), y.split(size)))
+
+
+def run(attack: Attack, data: list[tuple[torch.Tensor, torch.Tensor]], seed: int) -> tuple[float, torch.Tensor]:
+    """Seconds and adversarial images of `attack` over all batches, seeded per batch."""
+    out = []
+    t0 = time.perf_counter()
+    for b, (x, y) in enumerate(data):
+        torch.manual_seed(seed + b)
+        out.append(attack(x, y).detach())
+    return time.perf_counter() - t0, torch.cat(out)
+
+
+@torch.no_grad()
+def correct(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int) -> torch.Tensor:
+    """Per-image correctness, the mean over `draws` forwards (gate draws of a stochastic model)."""
+    return torch.stack([(net(x).argmax(1) == y).float() for _ in range(draws)]).mean(0)
+
+
+def compare(label: str, ours: Attack, theirs: Attack, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+            size: int, reps: int, draws: int) -> dict:
+    """Median seconds of each side over alternating repetitions, robust accuracy of each, equality of x_adv."""
+    data = batches(x, y, size)
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    advs: dict[str, torch.Tensor] = {}
+    for r in range(reps):
+        order = [("ours", ours), ("theirs", theirs)] if r % 2 == 0 else [("theirs", theirs), ("ours", ours)]
+        for side, fn in order:
+            seconds, advs[side] = run(fn, data, seed=1000)
+            times[side].append(seconds)
+    torch.manual_seed(0)
+    clean = correct(net, x, y, draws)
+    acc = {side: torch.minimum(clean, correct(net, adv, y, draws)) for side, adv in advs.items()}
+    return {"label": label, "ours": statistics.median(times["ours"]), "theirs": statistics.median(times["theirs"]),
+            "acc": {s: (float(a.mean()), wilson(float(a.sum()), len(a))) for s, a in acc.items()},
+            "identical": bool(torch.equal(advs["ours"], advs["theirs"]))}
+
+
+def chunk_sweep(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, chunks: list[int], reps: int) -> dict:
+    """Median seconds of one EOT forward+backward (k draws) per chunk size."""
+    times: dict[int, list[float]] = {c: [] for c in chunks}
+    for r in range(reps):
+        for c in chunks if r % 2 == 0 else chunks[::-1]:
+            xa = x.clone().requires_grad_(True)
+            t0 = time.perf_counter()
+            loss = torch.nn.functional.nll_loss(EOT(net, k, c)(xa), y)
+            torch.autograd.grad(loss, xa)
+            times[c].append(time.perf_counter() - t0)
+    return {c: statistics.median(t) for c, t in times.items()}
+
+
+def fmt_acc(a: tuple[float, tuple[float, float]]) -> str:
+    return f"{a[0]:.3f} [{a[1][0]:.3f}, {a[1][1]:.3f}]"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="vit_fmnist", help="model for pgd vs torchattacks.PGD")
+    ap.add_argument("--mia-model", default="mia_vit_fmnist", help="stochastic model for eot-pgd vs EOTPGD")
+    ap.add_argument("-n", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--eps", type=float, default=8 / 255)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--eot", type=int, default=8)
+    ap.add_argument("--eval-samples", type=int, default=10, help="gate draws per image for accuracy")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--chunks", default="64,128,256,512,1024", help="EOT rows per forward to time")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    import torchattacks
+
+    net, model = load(a.model)
+    data = load_dataset("embedded", Geometry.of(model))
+    x = torch.stack([data[i][0] for i in range(a.n)])
+    y = torch.tensor([data[i][1] for i in range(a.n)])
+
+    cfg = AttackConfig(eps=a.eps, steps=a.steps)
+    ours = build_attack(get_attack("pgd", cfg), Victim(net), cfg)
+    theirs = torchattacks.PGD(net, eps=a.eps, alpha=cfg.step_size, steps=a.steps, random_start=True)
+    rows = [compare("pgd vs torchattacks.PGD", ours, theirs, net, x, y, a.batch_size, a.reps, 1)]
+
+    mia_net, mia = load(a.mia_model, gate_mode="stochastic")
+    chunk = default_chunk("cpu")
+    ecfg = AttackConfig(eps=a.eps, steps=a.steps, eot=a.eot, eot_chunk=chunk)
+    ours = build_attack(get_attack("eot-pgd", ecfg), Victim(mia_net, mia), ecfg)
+    theirs = torchattacks.EOTPGD(mia_net, eps=a.eps, alpha=ecfg.step_size, steps=a.steps, eot_iter=a.eot,
+                                 random_start=True)
+    rows.append(compare(f"eot-pgd K={a.eot} (chunk {chunk}) vs torchattacks.EOTPGD(eot_iter={a.eot})", ours, theirs,
+                        mia_net, x, y, a.batch_size, a.reps, a.eval_samples))
+
+    print(f"\n{a.n} images of embedded Fashion-MNIST, Linf eps {a.eps:.4f}, {a.steps} steps, batch {a.batch_size}, "
+          f"{a.threads} threads, median of {a.reps}\n")
+    print("| attack | miarobust s | torchattacks s | ratio | robust acc miarobust | robust acc torchattacks | same x_adv |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['label']} | {r['ours']:.2f} | {r['theirs']:.2f} | {r['ours'] / r['theirs']:.3f} | "
+              f"{fmt_acc(r['acc']['ours'])} | {fmt_acc(r['acc']['theirs'])} | {'yes' if r['identical'] else 'no'} |")
+
+    chunks = [int(c) for c in a.chunks.split(",")]
+    xs, ys = x[:a.batch_size], y[:a.batch_size]
+    sweep = chunk_sweep(mia_net, xs, ys, a.eot, chunks, a.reps)
+    best = min(sweep, key=sweep.get)
+    print(f"\nEOT forward+backward, K={a.eot}, batch {len(xs)} ({len(xs) * a.eot} rows), {a.mia_model} stochastic\n")
+    print("| chunk (rows per forward) | ms | vs fastest |")
+    print("| --- | --- | --- |")
+    for c, s in sweep.items():
+        print(f"| {c} | {s * 1000:.1f} | {s / sweep[best]:.2f} |")
+    print(f"\nfastest chunk on this machine: {best} (attacks/eot.default_chunk for cpu: {chunk})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""MIA-Former's hybrid supervised + reinforcement training, starting from a trained static ViT.
+
+Per step (Yu et al. 2022 train the controller with a hybrid of SL and RL; the losses here are ours):
+
+    SL:  CE(student) + w_kd * KL(teacher || student) + w_budget * (mean MACs ratio - budget)^2
+         with straight-through Gumbel-sigmoid gates (AdaViT, Meng et al. 2022), dense masked execution;
+    RL:  -(R - b) * log pi(drawn gates),  R = correct - lambda * MACs ratio   (REINFORCE, Williams 1992)
+         with Bernoulli gates drawn from the controller and b a moving-average baseline.
+
+The teacher is the static model the student starts from. The controller learns at 10x the backbone's rate.
+Per epoch the log records, on the test set: deterministic accuracy, its MACs ratio (mean, spread and
+percentiles over images), the share of blocks/heads/tokens kept, and stochastic accuracy and ratio.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from miarobust.data import Geometry, load_dataset
+from miarobust.models.normalize import Normalized
+from miarobust.train.loop import TrainConfig, fit
+
+log = logging.getLogger(__name__)
+
+KD_WEIGHT = 1.0
+BUDGET_WEIGHT = 20.0
+BASELINE_MOMENTUM = 0.9
+
+
+@torch.no_grad()
+def gated_metrics(model: Normalized, data: Dataset, device: torch.device, full_macs: float, mode: str,
+                  batch_size: int = 500) -> dict[str, float]:
+    """Accuracy, MACs ratio statistics and kept shares of an MIA model in `mode` on `data`."""
+    mia = model.model
+    before = mia.gate_mode
+    mia.set_gate_mode(mode)
+    correct, ratios, kept = 0, [], {"blocks": [], "heads": [], "tokens": []}
+    try:
+        for x, y in DataLoader(data, batch_size=batch_size):
+            pred = model(x.to(device)).argmax(1).cpu()
+            correct += (pred == y).sum().item()
+            ratios.append(mia.last.macs.cpu() / full_macs)
+            for k, v in mia.last.kept().items():
+                kept[k].append(v.cpu())
+    finally:
+        mia.set_gate_mode(before)
+    r = torch.cat(ratios)
+    out = {"acc": correct / len(data), "ratio": r.mean().item(), "ratio_std": r.std().item(),
+           "ratio_p5": r.quantile(0.05).item(), "ratio_p50": r.quantile(0.5).item(), "ratio_p95": r.quantile(0.95).item()}
+    out.update({f"kept_{k}": torch.cat(v).mean().item() for k, v in kept.items()})
+    return out
+
+
+def train_mia(cfg: TrainConfig) -> None:
+    """Train `cfg.model` (an mia_* model) at MACs budget `cfg.budget` from the static checkpoint `cfg.init`."""
+    from miarobust.models import create
+    from miarobust.models.flops import VitDims, static_macs
+
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    static_name = cfg.model.removeprefix("mia_")
+    teacher_backbone = create(static_name, checkpoint=cfg.init)  # shipped static weights when init is None
+    init = cfg.init or teacher_backbone.checkpoint
+    teacher = Normalized(teacher_backbone).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    backbone = create(cfg.model, checkpoint=init, pretrained=False, gate_mode="gumbel")
+    model = Normalized(backbone).to(device)
+    full = float(static_macs(VitDims.of(backbone)))
+    geometry = Geometry.of(backbone)
+    train_set = load_dataset(cfg.data, geometry, cfg.data_root, "train")
+    test_set = load_dataset(cfg.data, geometry, cfg.data_root, "test")
+    rl_weight = float(cfg.extra.get("rl_weight", 1.0))
+    flops_lambda = float(cfg.extra.get("flops_lambda", 1.0))
+    baseline = {"b": None}
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        backbone.set_gate_mode("gumbel")
+        logits = model(x)
+        ratio = backbone.last.macs / full
+        with torch.no_grad():
+            soft = teacher(x).softmax(-1)
+        ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        kd = F.kl_div(logits.log_softmax(-1), soft, reduction="batchmean")
+        budget = (ratio.mean() - cfg.budget) ** 2
+        loss = ce + KD_WEIGHT * kd + BUDGET_WEIGHT * budget
+        metrics = {"loss": loss.item(), "train_acc": (logits.argmax(1) == y).float().mean().item(),
+                   "train_ratio": ratio.mean().item()}
+        if rl_weight > 0:
+            backbone.set_gate_mode("stochastic")
+            half = x[: max(1, len(x) // 2)]  # the policy gradient needs fewer samples than the supervised part
+            rl_logits = model(half)
+            rec = backbone.last
+            reward = (rl_logits.argmax(1) == y[: len(half)]).float() - flops_lambda * rec.macs.detach() / full
+            b = reward.mean().item() if baseline["b"] is None else baseline["b"]
+            rl = -((reward - b) * rec.log_prob).mean()
+            baseline["b"] = BASELINE_MOMENTUM * b + (1 - BASELINE_MOMENTUM) * reward.mean().item()
+            loss = loss + rl_weight * rl
+            metrics["reward"] = reward.mean().item()
+        backbone.set_gate_mode("gumbel")
+        return loss, metrics
+
+    def evaluate() -> dict[str, float]:
+        det = gated_metrics(model, test_set, device, full, "deterministic")
+        sto = gated_metrics(model, test_set, device, full, "stochastic")
+        row = {"test_acc": det["acc"], "flops_ratio": det["ratio"], "budget": cfg.budget}
+        row.update({f"det_{k}": v for k, v in det.items() if k not in ("acc", "ratio")})
+        row.update({"test_acc_stochastic": sto["acc"], "flops_ratio_stochastic": sto["ratio"]})
+        return row
+
+    controller = [p for n, p in model.named_parameters() if ".controller." in f".{n}"]
+    others = [p for n, p in model.named_parameters() if ".controller." not in f".{n}"]
+    groups = [{"params": others, "lr": cfg.lr}, {"params": controller, "lr": cfg.lr * 10, "weight_decay": 0.0}]
+    fit(cfg, backbone, groups, train_set, step, evaluate)

@@ -1,0 +1,321 @@
+"""miarobust/cli.py: the eps parser, a tiny run end to end, and every bad input of docs/errors.md.
+
+A bad input must give one line on stderr that says what to do, exit code 2, no traceback, and write
+nothing: the --out folder must not even be created.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, files_under, run_subprocess
+
+from miarobust.cli import parse_eps
+from miarobust.errors import UserError
+
+# -- the eps parser ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, value", [("8/255", 8 / 255), ("0.031", 0.031), ("1e-2", 0.01), (" 4/255 ", 4 / 255),
+                                         ("0.5/1", 0.5), ("2", 2.0)])
+def test_parse_eps(text, value):
+    assert math.isclose(parse_eps(text), value, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("text", ["abc", "-1", "1/0", "0", "0/255", "nan", "inf", "-inf", "8/", "/255", "", "8/255/2"])
+def test_parse_eps_rejects(text):
+    with pytest.raises(UserError, match=r"8/255"):
+        parse_eps(text)
+
+
+# -- a good run ----------------------------------------------------------------------------------------
+
+
+def test_tiny_run_writes_the_run_folder(cli, tmp_path):
+    r = cli("run", *TINY, "--out", str(tmp_path))
+    assert r.code == 0, r.err
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.startswith("vit_fmnist-embedded-pgd-Linf-8_255-")
+    assert files_under(folder) == [".lock", "config.json", "samples.csv", "summary.json"]  # no partial/, no temp files
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["n"] == 24 and "pgd" in summary["attacks"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["seed"] == 0 and config["environment"]["versions"]["torch"] == torch.__version__
+    assert f"results in {folder}" in r.out and "clean accuracy" in r.out
+    again = cli("run", *TINY, "--out", str(tmp_path))  # complete: nothing recomputed, same summary
+    assert again.code == 0 and again.out == r.out
+
+
+def test_list_comes_from_the_registries(cli):
+    r = cli("list")
+    assert r.code == 0
+    for name in ("vit_fmnist", "mia_deit_s", "pgd", "eot-pgd", "autoattack", "cifar10", "synthetic"):
+        assert name in r.out
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from miarobust.cli import cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# -- bad input: one line, exit 2, nothing written --------------------------------------------------------
+
+
+def assert_user_error(r, out: Path, *needles: str) -> None:
+    """One `error:` line naming every needle, exit 2, no traceback, and `out` never created."""
+    assert r.code == 2, (r.code, r.err)
+    lines = [ln for ln in r.err.splitlines() if ln.strip() and "batch/s" not in ln]  # a progress bar may precede it
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.err
+    assert "Traceback" not in r.err + r.out
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not out.exists(), files_under(out)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--model", "vit_fmnst"], ["unknown model 'vit_fmnst'", "Did you mean vit_fmnist", "miarobust list"]),
+    (["--model", "deit-s"], ["unknown model", "deit_s"]),
+    (["--attack", "pgdd"], ["unknown attack 'pgdd'", "Did you mean pgd"]),
+    (["--attack", "pgd,eotpgd"], ["unknown attack 'eotpgd'", "eot-pgd"]),
+    (["--attack", ","], ["--attack is empty"]),
+    (["--data", "cifar"], ["unknown dataset 'cifar'", "cifar10"]),
+    (["--eps", "abc"], ["'abc' is not a number", "8/255"]),
+    (["--eps", "-1"], ["finite number > 0"]),
+    (["--eps", "1/0"], ["'1/0' is not a number"]),
+    (["--eps", "nan"], ["finite number > 0"]),
+    (["--eps", "2"], ["--eps 2 is >= 1", "8/255"]),
+    (["--alpha", "0"], ["--alpha", "finite number > 0"]),
+    (["--steps", "0"], ["--steps", "0 is not in the range x>=1"]),
+    (["--n", "0"], ["--n"]),
+    (["--norm", "L3"], ["--norm", "'L3' is not one of 'Linf', 'L2'"]),
+    (["--attack", "fgsm", "--norm", "L2", "--eps", "0.5"], ["attack fgsm supports Linf only", "--norm"]),
+    (["--gate-mode", "stochastic"], ["--gate-mode applies to MIA-Former models only"]),
+    (["--model", "mia_vit_fmnist", "--gate-mode", "random"], ["unknown gate mode 'random'", "stochastic"]),
+    (["--model", "mia_vit_fmnist", "--gate-mode", "gumbel"], ["gumbel", "is for training"]),
+    (["--split", "val"], ["--split", "'val' is not one of"]),
+    (["--data", "cifar10"], ["--data-root is required for CIFAR-10"]),
+    (["--data", "folder", "--data-root", "/nonexistent/images"], ["does not exist", "--data-root"]),
+    (["--data", "embedded", "--split", "train"], ["only a test split", "fashion-mnist"]),
+    (["--checkpoint", "/nonexistent/w.safetensors"], ["does not exist", "--checkpoint"]),
+    (["--bogus-option", "1"], ["No such option"]),
+])
+def test_bad_argument(cli, tmp_path, args, needles):
+    out = tmp_path / "out"
+    assert_user_error(cli("run", *TINY, *args, "--out", str(out)), out, *needles)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda(cli, tmp_path):
+    out = tmp_path / "out"
+    assert_user_error(cli("run", *TINY, "--device", "cuda", "--out", str(out)), out, "CUDA is not available", "--device cpu")
+
+
+def test_device_that_does_not_exist(cli, tmp_path):
+    out = tmp_path / "out"
+    assert_user_error(cli("run", *TINY, "--device", "tpu", "--out", str(out)), out, "not a device", "cpu, cuda or cuda:N")
+
+
+def test_out_is_a_file(cli, tmp_path):
+    out = tmp_path / "results.txt"
+    out.write_text("keep me")
+    r = cli("run", *TINY, "--out", str(out))
+    assert r.code == 2 and r.err.startswith("error: cannot write the run folder") and "writable folder" in r.err, r.err
+    assert "Traceback" not in r.err and out.read_text() == "keep me"
+
+
+def test_data_root_is_a_file(cli, tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "out"
+    r = cli("run", *TINY, "--data", "folder", "--data-root", str(tmp_path / "file"), "--out", str(out))
+    assert_user_error(r, out, "is not a folder")
+
+
+def test_data_root_unreadable(cli, tmp_path, monkeypatch):
+    """os.access is faked so this holds where tests run as root, who reads every folder."""
+    import os
+
+    root = tmp_path / "images"
+    root.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == root else real(p, mode, **kw))
+    out = tmp_path / "out"
+    assert_user_error(cli("run", *TINY, "--data", "folder", "--data-root", str(root), "--out", str(out)), out,
+                      "is not readable", "permissions")
+
+
+def test_cifar_without_files(cli, tmp_path):
+    out = tmp_path / "out"
+    r = cli("run", *TINY, "--data", "cifar10", "--data-root", str(tmp_path), "--out", str(out))
+    assert_user_error(r, out, "has no test_batch", "cifar-10-python.tar.gz")
+
+
+def test_image_folder_without_images(cli, tmp_path):
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    out = tmp_path / "out"
+    r = cli("run", *TINY, "--data", "folder", "--data-root", str(tmp_path / "imgs"), "--out", str(out))
+    assert_user_error(r, out, "is not an image folder")
+
+
+def test_image_folder_with_corrupt_png(cli, tmp_path, image_root):
+    """The bad file is found only while loading batch 0, after the run folder was opened: it must go again."""
+    root = tmp_path / "imgs"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "0.png").write_bytes((image_root / "cat" / "0.png").read_bytes())
+    (root / "cat" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out"
+    r = cli("run", *TINY, "--data", "folder", "--data-root", str(root), "--out", str(out))
+    assert_user_error(r, out, "cannot read image", "1.png", "remove or replace the file")
+
+
+def test_failure_after_finished_batches_keeps_them(cli, tmp_path, image_root):
+    """A bad image in batch 1: batch 0 is kept for the resume, the error is still one line."""
+    root = tmp_path / "imgs"
+    (root / "cat").mkdir(parents=True)
+    for i in range(3):
+        (root / "cat" / f"{i}.png").write_bytes((image_root / "cat" / "0.png").read_bytes())
+    (root / "cat" / "9.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    r = cli("run", *TINY, "--batch-size", "3", "--data", "folder", "--data-root", str(root), "--out", str(out))
+    assert r.code == 2 and "cannot read image" in r.err and "Traceback" not in r.err
+    (folder,) = out.iterdir()
+    assert files_under(folder) == [".lock", "config.json", "partial", "partial/batch_000000.csv"]
+
+
+def test_n_larger_than_the_data_is_clamped(cli, tmp_path, caplog):
+    """Documented behaviour: a warning, then all of the data set."""
+    r = cli("run", "--model", "vit_fmnist", "--attack", "none", "--n", "5000", "--batch-size", "500",
+            "--checks", "off", "--out", str(tmp_path))
+    assert r.code == 0, r.err
+    assert "--n 5000 is larger than embedded (1000 images): evaluating all 1000" in caplog.text + r.err
+    (folder,) = tmp_path.iterdir()
+    assert json.loads((folder / "summary.json").read_text())["n"] == 1000
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------
+
+
+def save_state(path: Path, model: torch.nn.Module) -> Path:
+    from safetensors.torch import save_file
+
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    else:
+        torch.save(model.state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def vit_fmnist_weights(tmp_path_factory) -> dict[str, Path]:
+    from miarobust.models import create
+
+    d = tmp_path_factory.mktemp("ckpt")
+    good = create("vit_fmnist", pretrained=False)
+    return {
+        "good": save_state(d / "good.safetensors", good),
+        "good_pth": save_state(d / "good.pth", good),
+        "classes5": save_state(d / "classes5.safetensors", create("vit_fmnist", pretrained=False, num_classes=5)),
+        "narrow": save_state(d / "narrow.pth", create("vit_fmnist", pretrained=False, embed_dim=32)),
+        "shallow": save_state(d / "shallow.safetensors", create("vit_fmnist", pretrained=False, depth=3)),
+    }
+
+
+def test_good_checkpoints_load(cli, tmp_path, vit_fmnist_weights):
+    for key in ("good", "good_pth"):
+        out = tmp_path / key
+        r = cli("run", *TINY, "--n", "8", "--attack", "none", "--checkpoint", str(vit_fmnist_weights[key]), "--out", str(out))
+        assert r.code == 0, r.err
+        (folder,) = out.iterdir()
+        assert json.loads((folder / "config.json").read_text())["checkpoint"] == str(vit_fmnist_weights[key])
+
+
+@pytest.mark.parametrize("key, needles", [
+    ("classes5", ["another architecture or class count", "head.", "(5,) vs (10,)", "--num-classes"]),
+    ("narrow", ["another architecture or class count", "--model"]),
+    ("shallow", ["does not match the model", "missing keys", "--model"]),
+])
+def test_checkpoint_of_another_model(cli, tmp_path, vit_fmnist_weights, key, needles):
+    out = tmp_path / "out"
+    r = cli("run", *TINY, "--checkpoint", str(vit_fmnist_weights[key]), "--out", str(out))
+    assert_user_error(r, out, *needles)
+
+
+@pytest.mark.parametrize("key", ["good", "good_pth"])
+def test_truncated_checkpoint(cli, tmp_path, vit_fmnist_weights, key):
+    src = vit_fmnist_weights[key]
+    cut = tmp_path / f"cut{src.suffix}"
+    cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    out = tmp_path / "out"
+    assert_user_error(cli("run", *TINY, "--checkpoint", str(cut), "--out", str(out)), out,
+                      "cannot be read safely", "truncated", ".safetensors")
+
+
+def test_checkpoint_that_is_not_a_state_dict(cli, tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], str(path))
+    out = tmp_path / "out"
+    assert_user_error(cli("run", *TINY, "--checkpoint", str(path), "--out", str(out)), out, "holds no state dict")
+
+
+class MakesMarker:
+    """Unpickling this creates a file: the proof that loading ran code."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.filterwarnings("error")  # a warning would print more lines than the one error line
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_checkpoint_pickle_with_code_does_not_run(cli, tmp_path, how):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "x.pth"
+    payload = {"head.weight": MakesMarker(marker)}
+    if how == "pickle":
+        path.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, str(path))
+    out = tmp_path / "out"
+    assert_user_error(cli("run", *TINY, "--checkpoint", str(path), "--out", str(out)), out,
+                      "cannot be read safely", "carries code")
+    assert not marker.exists()
+
+
+# -- the console script itself -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_console_script_error_is_one_line(tmp_path):
+    """The same contract through a real process: what a user's shell sees."""
+    out = tmp_path / "out"
+    r = run_subprocess("run", *TINY, "--model", "vit_fmnst", "--out", str(out), timeout=120)
+    assert r.code == 2 and r.err.strip().count("\n") == 0 and r.err.startswith("error: unknown model"), r.err
+    assert not out.exists()
+
+
+# -- report ---------------------------------------------------------------------------------------------
+
+
+def test_report_on_a_missing_folder(cli, tmp_path):
+    out = tmp_path / "report"
+    r = cli("report", str(tmp_path / "missing"), "--out", str(out))
+    assert_user_error(r, out, "is not a folder", "miarobust run --out")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_report_on_an_empty_folder(cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "report"
+    r = cli("report", str(tmp_path / "empty"), "--out", str(out))
+    assert_user_error(r, out, "no run folder", "miarobust run --out")
+    assert files_under(tmp_path / "empty") == []
+    r = cli("report", str(tmp_path / "empty"))  # the report goes into the folder itself by default
+    assert r.code == 2 and files_under(tmp_path / "empty") == []

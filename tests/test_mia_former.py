@@ -1,0 +1,121 @@
+"""MIA-Former: full-gate equivalence, masked == sliced execution, skipped work is really skipped."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import miarobust.models  # noqa: F401
+
+PAIRS = [("vit_fmnist", "mia_vit_fmnist", {}), ("deit_s", "mia_deit_s", {})]
+
+
+def pair(static_name: str, mia_name: str, kwargs: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    static = timm.create_model(static_name, **kwargs).eval()
+    mia = timm.create_model(mia_name, **kwargs).eval()
+    mia.load_state_dict(static.state_dict(), strict=False)
+    c, h, w = static.pretrained_cfg["input_size"]
+    return static, mia, torch.randn(3, c, h, w)
+
+
+def randomise_controller(mia: torch.nn.Module, bias: float = 0.3, std: float = 0.5) -> None:
+    for head in mia.controller:
+        for lin in (head.block, head.heads, head.tokens):
+            torch.nn.init.normal_(lin.weight, std=std)
+            torch.nn.init.constant_(lin.bias, bias)
+
+
+@pytest.mark.parametrize("static_name,mia_name,kwargs", PAIRS)
+def test_full_gate_mode_equals_static(static_name, mia_name, kwargs) -> None:
+    static, mia, x = pair(static_name, mia_name, kwargs)
+    mia.set_gate_mode("full")
+    with torch.no_grad():
+        assert (mia(x) - static(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("static_name,mia_name,kwargs", PAIRS)
+@pytest.mark.parametrize("execution", ["masked", "sliced"])
+def test_open_gates_through_gated_execution_equal_static(static_name, mia_name, kwargs, execution) -> None:
+    static, mia, x = pair(static_name, mia_name, kwargs)
+    randomise_controller(mia, bias=50.0, std=0.0)  # every gate open, but through the gated code paths
+    mia.set_gate_mode("deterministic").execution = execution
+    with torch.no_grad():
+        assert (mia(x) - static(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_masked_and_sliced_agree_on_random_gates(seed: int) -> None:
+    _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {}, seed)
+    randomise_controller(mia)
+    mia.set_gate_mode("deterministic")
+    outs = {}
+    with torch.no_grad():
+        for execution in ("masked", "sliced"):
+            mia.execution = execution
+            outs[execution] = (mia(x), mia.last.macs.clone())
+    assert (outs["masked"][0] - outs["sliced"][0]).abs().max().item() <= 1e-5
+    assert torch.equal(outs["masked"][1], outs["sliced"][1])
+    kept = mia.last.kept()
+    assert (kept["blocks"] < 1).any() and (kept["heads"] < 1).any() and (kept["tokens"] < 1).any()
+
+
+def test_macs_vary_per_input() -> None:
+    _, mia, _ = pair("vit_fmnist", "mia_vit_fmnist", {})
+    randomise_controller(mia, bias=0.0, std=1.0)
+    with torch.no_grad():
+        mia(torch.randn(16, 1, 28, 28))
+    assert mia.last.macs.unique().numel() > 1
+
+
+def test_dropped_token_passes_through_unchanged() -> None:
+    _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
+    blk = mia.blocks[0]
+    tokens = mia._pos_embed(mia.patch_embed(x))
+    b, n, _ = tokens.shape
+    keep = torch.ones(b, n)
+    keep[:, 5:20] = 0
+    for execution in ("forward_masked", "forward_sliced"):
+        out = getattr(blk, execution)(tokens, torch.ones(b), torch.ones(b, 4), keep)
+        assert torch.equal(out[:, 5:20], tokens[:, 5:20])
+        assert not torch.equal(out[:, :5], tokens[:, :5])
+
+
+def test_skipped_block_is_identity_and_gradient_reaches_input() -> None:
+    _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
+    blk = mia.blocks[0]
+    tokens = mia._pos_embed(mia.patch_embed(x)).detach().requires_grad_(True)
+    b, n, _ = tokens.shape
+    gate = torch.tensor([0.0, 1.0, 0.0])
+    out = blk.forward_sliced(tokens, gate, torch.ones(b, 4), torch.ones(b, n))
+    assert torch.equal(out[0], tokens[0]) and torch.equal(out[2], tokens[2])
+    out.sum().backward()
+    assert tokens.grad is not None and torch.isfinite(tokens.grad).all()
+
+
+def test_straight_through_gives_gate_gradients_to_the_input() -> None:
+    _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
+    randomise_controller(mia)
+    mia.set_gate_mode("deterministic")
+    mia.straight_through = True
+    x = x.requires_grad_(True)
+    mia.last = None
+    mia(x)
+    (grad,) = torch.autograd.grad(mia.last.macs.sum(), x)
+    assert grad.abs().sum() > 0  # the MACs respond to the input through the relaxed gates
+
+
+def test_record_counts_only_heads_and_tokens_of_running_blocks() -> None:
+    _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
+    randomise_controller(mia)
+    for head in mia.controller:
+        torch.nn.init.constant_(head.block.bias, -50.0)  # every block skipped
+        torch.nn.init.zeros_(head.block.weight)
+    with torch.no_grad():
+        mia(x)
+    from miarobust.models.flops import VitDims, controller_macs
+
+    dims = VitDims.of(mia)
+    expected = dims.patch_macs + dims.head_macs + dims.depth * controller_macs(dims)
+    assert torch.allclose(mia.last.macs, torch.full((3,), float(expected)))

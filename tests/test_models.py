@@ -1,0 +1,81 @@
+"""Every registered model: output shape, a gradient on every parameter, no NaN (timm's test pattern)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import miarobust.models  # noqa: F401
+from miarobust.errors import UserError
+from miarobust.models import create, model_names
+from miarobust.models.registry import read_state_dict
+
+SMALL = dict(img_size=32, depth=2)  # keeps DeiT-B cheap: same widths, fewer blocks and tokens
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_forward_backward(name: str) -> None:
+    kwargs = {} if "fmnist" in name else SMALL
+    model = timm.create_model(name, num_classes=7, **kwargs).train()
+    c, h, w = model.pretrained_cfg["input_size"]
+    x = torch.randn(2, c, h, w)
+    if name.startswith("mia_"):
+        model.set_gate_mode("gumbel")
+    out = model(x)
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+    out.logsumexp(1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for {missing[:5]}"
+
+
+def test_names_registered_with_timm() -> None:
+    for name in model_names():
+        assert timm.is_model(name)
+    assert {"vit_fmnist", "deit_s", "mia_deit_s", "mia_vit_fmnist"} <= set(model_names())
+
+
+def test_static_state_dict_loads_into_mia_with_only_controller_missing() -> None:
+    static = timm.create_model("deit_s", **SMALL)
+    mia = timm.create_model("mia_deit_s", **SMALL)
+    result = mia.load_state_dict(static.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert result.missing_keys and all(k.startswith("controller.") for k in result.missing_keys)
+
+
+def test_any_image_size_and_class_count_for_deit() -> None:
+    model = create("deit_t", pretrained=False, img_size=64, num_classes=3)
+    assert model(torch.rand(1, 3, 64, 64)).shape == (1, 3)
+    assert model.pretrained_cfg["input_size"] == (3, 64, 64)
+
+
+def test_checkpoint_round_trip_safetensors(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    model = create("vit_fmnist", pretrained=False)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    again = create("vit_fmnist", checkpoint=path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k])
+
+
+def test_checkpoint_for_another_class_count_is_a_user_error(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    model = create("vit_fmnist", pretrained=False, num_classes=5)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with pytest.raises(UserError, match="class count"):
+        create("vit_fmnist", checkpoint=path)
+
+
+def test_shipped_checkpoints_load_with_safetensors() -> None:
+    from miarobust.models.vit import shipped_checkpoint
+
+    for name in ("vit_fmnist", "mia_vit_fmnist"):
+        model = timm.create_model(name)
+        path = shipped_checkpoint(model.pretrained_cfg["file"].rsplit("/", 1)[-1])
+        sd = read_state_dict(path)
+        assert set(sd) == set(model.state_dict())

@@ -1,0 +1,166 @@
+"""miarobust/report.py: tables and plots from run folders, checked against the runs' own summary.json.
+
+The runs are real but tiny (vit_fmnist and a stochastic mia_vit_fmnist, 20 images, 1 PGD step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from miarobust.report import PLOTS, _frontier, check_integrity, load_runs, markdown_table, robustbench_entries, tidy
+
+TINY = dict(n=20, batch_size=20, steps=1, checks="off")
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three finished runs: static at 8/255 (pgd+fgsm) and 2/255 (pgd), stochastic MIA with EOT 2."""
+    from miarobust.evaluate import RunConfig, run
+
+    root = tmp_path_factory.mktemp("runs")
+    run(RunConfig(model="vit_fmnist", attacks=("pgd", "fgsm"), out=str(root), **TINY), progress=False)
+    run(RunConfig(model="vit_fmnist", attacks=("pgd",), eps=2 / 255, eps_text="2/255", out=str(root), **TINY), progress=False)
+    run(RunConfig(model="mia_vit_fmnist", gate_mode="stochastic", eval_samples=2, eot=2, attacks=("pgd",),
+                  out=str(root / "mia"), **TINY), progress=False)
+    return root
+
+
+def copy_runs(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("report*", "*.png", "*.pdf", "robustbench"))
+    return dst
+
+
+def test_report_writes_every_file_and_the_csv_equals_summary_json(cli, runs_root, tmp_path):
+    r = cli("report", str(runs_root), "--out", str(tmp_path), "--pdf", "--robustbench")
+    assert r.code == 0, r.err
+    for name in ("report.md", "report.csv", "report.tex", *(f"{p}.png" for p in PLOTS), *(f"{p}.pdf" for p in PLOTS)):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "3 runs reported, 0 skipped" in r.out
+
+    table = pd.read_csv(tmp_path / "report.csv")
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in runs_root.rglob("summary.json")}
+    assert set(table["folder"]) == set(summaries)
+    for folder, s in summaries.items():
+        rows = table[table["folder"] == folder].set_index("attack")
+        expected = {**{a: v for a, v in s["attacks"].items()}, **({"worst-case": s["robust"]} if len(s["attacks"]) > 1 else {})}
+        assert set(rows.index) == set(expected)
+        for attack, entry in expected.items():
+            row = rows.loc[attack]
+            assert row["robust_acc"] == entry["acc"] and [row["ci_lo"], row["ci_hi"]] == entry["ci95"]
+            assert row["clean_acc"] == s["clean"]["acc"] and [row["clean_ci_lo"], row["clean_ci_hi"]] == s["clean"]["ci95"]
+            assert row["n"] == s["n"] == 20 and row["gmacs_clean"] == s["gmacs"]["clean_mean"]
+            assert row["model"] == s["model"] and row["gate_mode"] == (s["gate_mode"] or "static")
+            assert row["eps_text"] == s["eps_text"] and row["integrity"] == "ok"
+            if attack != "worst-case":
+                assert row["gmacs_adv"] == entry["gmacs_mean"] and row["eot"] == entry["eot"] and row["label"] == entry["label"]
+    assert (table["params"] > 1e5).all()  # counted on the meta device
+
+    md = (tmp_path / "report.md").read_text()
+    assert "## embedded" in md and "| Model | Gate mode | Params (M)" in md and "adaptive" in md
+    assert all(f"![{p}]({p}.png)" in md for p in PLOTS)
+    tex = (tmp_path / "report.tex").read_text()
+    assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex and "mia\\_vit\\_fmnist" in tex
+
+
+def test_robustbench_json_has_the_model_info_layout(cli, runs_root, tmp_path):
+    assert cli("report", str(runs_root), "--out", str(tmp_path), "--robustbench").code == 0
+    files = sorted((tmp_path / "robustbench").rglob("*.json"))
+    names = {f.relative_to(tmp_path / "robustbench").as_posix() for f in files}
+    assert names == {"embedded/Linf/vit_fmnist_eps2_255.json", "embedded/Linf/vit_fmnist_eps8_255.json",
+                     "embedded/Linf/mia_vit_fmnist_stochastic.json"}
+    keys = {"link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue", "architecture",
+            "eps", "clean_acc", "reported", "autoattack_acc"}
+    summary = json.loads(next((runs_root / "mia").rglob("summary.json")).read_text())
+    info = json.loads((tmp_path / "robustbench/embedded/Linf/mia_vit_fmnist_stochastic.json").read_text())
+    assert keys <= set(info) and {"gmacs", "gate_mode", "eot"} <= set(info)
+    assert info["eps"] == "8/255" and info["gate_mode"] == "stochastic" and info["eot"] == 2
+    assert info["clean_acc"] == f"{100 * summary['clean']['acc']:.2f}"
+    assert info["autoattack_acc"] == f"{100 * summary['robust']['acc']:.2f}"
+    assert info["number_forward_passes"] == 2  # eval_samples gate draws per prediction
+    static = json.loads((tmp_path / "robustbench/embedded/Linf/vit_fmnist_eps8_255.json").read_text())
+    assert static["gate_mode"] is None and static["attacks"] == ["fgsm", "pgd"]
+    float(static["autoattack_acc"]), float(static["clean_acc"])  # percentages as strings
+
+
+def test_mixed_folder_skips_corrupt_and_unfinished_runs(cli, runs_root, tmp_path):
+    root = copy_runs(runs_root, tmp_path / "mixed")
+    corrupt = next((root / "mia").iterdir())
+    (corrupt / "summary.json").write_text('{"model": ')
+    unfinished = root / "vit_fmnist-unfinished"
+    unfinished.mkdir()
+    shutil.copy(next(root.glob("vit_fmnist-*/config.json")), unfinished / "config.json")
+    (unfinished / "partial").mkdir()
+    r = cli("report", str(root))
+    assert r.code == 0, r.err
+    assert "2 runs reported, 2 skipped" in r.out
+    assert f"skipped {corrupt}" in r.out and f"skipped {unfinished}" in r.out
+    md = (root / "report.md").read_text()
+    assert f"Skipped: mia/{corrupt.name} (corrupt: summary.json is not valid JSON" in md
+    assert "Skipped: vit_fmnist-unfinished (in progress: partial/ present" in md
+    assert corrupt.name not in pd.read_csv(root / "report.csv")["folder"].tolist()
+    # no stochastic run left: the EOT plot is still written, and report.md says why it is empty
+    assert (root / "robust_vs_eot.png").is_file() and "robust_vs_eot has no data" in md
+
+
+def test_summary_that_disagrees_with_samples_is_flagged_not_fatal(cli, runs_root, tmp_path):
+    root = copy_runs(runs_root, tmp_path / "tampered")
+    folder = next(root.glob("vit_fmnist-*-pgd+fgsm-*"))
+    samples = pd.read_csv(folder / "samples.csv")
+    samples.loc[samples["clean_correct"] == 0, "clean_correct"] = 1  # every image now clean-correct
+    samples.to_csv(folder / "samples.csv", index=False)
+    r = cli("report", str(root))
+    assert r.code == 0, r.err
+    table = pd.read_csv(root / "report.csv")
+    rows = table[table["folder"] == folder.name]
+    assert rows["integrity"].str.contains("clean accuracy is .* in summary.json but 1 from samples.csv").all()
+    assert rows["flags"].str.contains("integrity").all()
+    assert (table.loc[table["folder"] != folder.name, "integrity"] == "ok").all()
+    assert "## Integrity" in (root / "report.md").read_text()
+
+
+def test_check_integrity_on_the_runs(runs_root):
+    runs, skipped = load_runs(runs_root)
+    assert len(runs) == 3 and not skipped and all(r.integrity == [] for r in runs)
+    r = runs[0]
+    assert check_integrity({**r.summary, "n": 19}, r.samples) == [f"n is 19 in summary.json but samples.csv has {len(r.samples)} rows"]
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "only-junk"])
+def test_report_on_nothing_is_a_user_error(cli, tmp_path, make):
+    path = tmp_path / "results"
+    if make != "missing":
+        path.mkdir()
+    if make == "only-junk":
+        (path / "run").mkdir()
+        (path / "run" / "config.json").write_text("{}")
+    r = cli("report", str(path))
+    assert r.code == 2 and r.err.startswith("error: ") and len(r.err.strip().splitlines()) == 1
+    assert not (path / "report.md").exists()
+
+
+def test_markdown_table_without_tabulate(monkeypatch):
+    def no_tabulate(*a, **k):
+        raise ImportError("Missing optional dependency 'tabulate'")
+
+    monkeypatch.setattr(pd.DataFrame, "to_markdown", no_tabulate)
+    text = markdown_table(pd.DataFrame({"a": [1, None], "b|c": ["x", "y|z"]}))
+    assert text.splitlines() == ["| a | b\\|c |", "|---|---|", "| 1.0 | x |", "|  | y\\|z |"]
+
+
+def test_frontier_keeps_only_undominated_points():
+    assert _frontier([(2, 50), (1, 40), (3, 45), (4, 60), (1, 30)]) == [(1, 40), (2, 50), (4, 60)]
+
+
+def test_tidy_without_params_and_robustbench_picks_the_lowest(runs_root):
+    runs, _ = load_runs(runs_root)
+    table = tidy(runs, params=False)
+    assert table["params"].isna().all() and len(table) == 5  # pgd, fgsm, worst-case; pgd at 2/255; mia pgd
+    entries = robustbench_entries(table)
+    for entry in entries.values():
+        assert math.isfinite(float(entry["autoattack_acc"])) and entry["dataset"] == "embedded"

@@ -1,0 +1,183 @@
+"""Resume (miarobust/evaluate.py): an interrupted run, rerun, writes the same samples.csv as an uninterrupted
+one; the folder lock keeps two processes out of one run folder.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY, files_under, subprocess_env
+
+from miarobust.evaluate import Evaluation, FolderLock, RunConfig, partial_name, run
+
+CFG = dict(model="vit_fmnist", n=24, batch_size=8, steps=2, checks="off")
+
+
+def samples_bytes(out: Path) -> bytes:
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    return (folder / "samples.csv").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> bytes:
+    """samples.csv of the uninterrupted tiny run."""
+    out = tmp_path_factory.mktemp("reference")
+    run(RunConfig(**CFG, out=str(out)), progress=False)
+    return samples_bytes(out)
+
+
+def test_interrupted_in_process_then_resumed(tmp_path, monkeypatch, reference):
+    """Ctrl-C during batch 2: batches 0 and 1 are kept and not recomputed; the result is byte-identical."""
+    cfg = RunConfig(**CFG, out=str(tmp_path))
+    real = Evaluation.run_batch
+    calls: list[int] = []
+
+    def interrupt_at_2(self, b):
+        calls.append(b)
+        if b == 2:
+            raise KeyboardInterrupt
+        return real(self, b)
+
+    monkeypatch.setattr(Evaluation, "run_batch", interrupt_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, progress=False)
+    folder = tmp_path / cfg.folder_name()
+    assert files_under(folder) == [".lock", "config.json", "partial", f"partial/{partial_name(0)}",
+                                   f"partial/{partial_name(1)}"]
+    (folder / "partial" / ".batch_000002.csv.x.tmp").write_text("half a fi")  # what a kill mid-write leaves
+    calls.clear()
+    monkeypatch.setattr(Evaluation, "run_batch", lambda self, b: calls.append(b) or real(self, b))
+    run(cfg, progress=False)
+    assert calls == [2]
+    assert samples_bytes(tmp_path) == reference
+    assert files_under(folder) == [".lock", "config.json", "samples.csv", "summary.json"]
+
+
+def test_interrupted_before_any_batch_leaves_nothing(cli, tmp_path, monkeypatch):
+    def interrupt(self, b):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Evaluation, "run_batch", interrupt)
+    out = tmp_path / "out"
+    r = cli("run", *TINY, "--out", str(out))
+    assert r.code == 130 and "interrupted before any batch finished: nothing was written" in r.err
+    assert not out.exists()
+
+
+def test_interrupt_message_says_where_and_how(cli, tmp_path, monkeypatch):
+    real = Evaluation.run_batch
+
+    def interrupt_at_1(self, b):
+        if b == 1:
+            raise KeyboardInterrupt
+        return real(self, b)
+
+    monkeypatch.setattr(Evaluation, "run_batch", interrupt_at_1)
+    r = cli("run", *TINY, "--out", str(tmp_path))
+    (folder,) = tmp_path.iterdir()
+    assert r.code == 130
+    assert f"interrupted: 1 finished batches are kept in {folder / 'partial'}; run the same command again" in r.err
+    assert "Traceback" not in r.err
+
+
+def test_complete_run_is_not_recomputed(tmp_path, monkeypatch, reference):
+    cfg = RunConfig(**CFG, out=str(tmp_path))
+    first = run(cfg, progress=False)
+    monkeypatch.setattr(Evaluation, "run_batch", lambda self, b: pytest.fail("recomputed a finished run"))
+    again = run(cfg, progress=False)
+    assert again.summary == first.summary and samples_bytes(tmp_path) == reference
+
+
+def test_locked_folder(cli, tmp_path):
+    """A second process on the same run folder stops at once with a clear message, and writes nothing."""
+    folder = tmp_path / RunConfig(**CFG, out=str(tmp_path)).folder_name()
+    with FolderLock(folder):  # flock conflicts between two open files, even in one process
+        before = files_under(tmp_path)
+        r = cli("run", *TINY, "--out", str(tmp_path))
+        assert r.code == 2
+        assert r.err.strip() == f"error: another miarobust process is writing {folder}: wait for it to finish."
+        assert files_under(tmp_path) == before == [folder.name, f"{folder.name}/.lock"]
+
+
+def test_different_arguments_use_different_folders(tmp_path):
+    a = run(RunConfig(**CFG, out=str(tmp_path)), progress=False)
+    b = run(RunConfig(**{**CFG, "seed": 1}, out=str(tmp_path)), progress=False)
+    c = run(RunConfig(**{**CFG, "checks": "on"}, out=str(tmp_path), device="cpu"), progress=False)  # not part of the identity
+    assert a.folder != b.folder and a.folder == c.folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([a.folder.name, b.folder.name])
+
+
+# -- real processes --------------------------------------------------------------------------------------
+
+#: Long enough (24 batches) that a kill lands well before the end, short enough for CI.
+LONG = ["--model", "vit_fmnist", "--n", "96", "--batch-size", "4", "--steps", "10", "--checks", "off"]
+
+
+def start(out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "miarobust", "run", *LONG, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+
+
+def wait_for_batch(proc: subprocess.Popen, out: Path, timeout: float = 120) -> None:
+    """Poll until the process has saved at least one batch in partial/."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if list(out.glob("*/partial/batch_*.csv")):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("no batch finished in time")
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory) -> bytes:
+    out = tmp_path_factory.mktemp("long")  # in this process: one thread, as in the children
+    run(RunConfig(**{**CFG, "n": 96, "batch_size": 4, "steps": 10}, out=str(out)), progress=False)
+    return samples_bytes(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_killed_process_resumes_byte_identical(cli, tmp_path, sig, long_reference):
+    """A real `miarobust run` killed after its first batch; the same command again finishes it, byte-identical.
+
+    While it runs, a second writer of the same run folder (this process) stops at the lock with exit 2,
+    and a run with other arguments goes to its own folder undisturbed.
+    """
+    proc = start(tmp_path)
+    try:
+        wait_for_batch(proc, tmp_path)
+        (folder,) = tmp_path.iterdir()
+        if sig == signal.SIGKILL:
+            second = cli("run", *LONG, "--out", str(tmp_path))
+            assert proc.poll() is None, "the first run ended before the second tried the lock"
+            assert second.code == 2
+            assert second.err.strip() == f"error: another miarobust process is writing {folder}: wait for it to finish."
+            other = cli("run", *TINY, "--out", str(tmp_path))
+            assert other.code == 0, other.err
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    kept = list((folder / "partial").glob("batch_*.csv"))
+    assert 1 <= len(kept) < 24 and not (folder / "samples.csv").exists()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130
+        assert f"interrupted: {len(kept)} finished batches are kept in {folder / 'partial'}; run the same command " \
+               "again to resume." in err
+        assert "Traceback" not in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    resumed = cli("run", *LONG, "--out", str(tmp_path))  # the kernel released the dead process's lock
+    assert resumed.code == 0, resumed.err
+    assert (folder / "samples.csv").read_bytes() == long_reference
+    assert not (folder / "partial").exists()
+    assert len(list(tmp_path.iterdir())) == (2 if sig == signal.SIGKILL else 1)
