@@ -19,17 +19,18 @@ import time
 from pathlib import Path
 
 
-def timed(cmd: list[str], threads: int) -> tuple[float, Path]:
+def timed(cmd: list[str], threads: int) -> tuple[float, bytes]:
     """Run `cmd ... --out <fresh folder>` with `threads` OpenMP threads per process; (seconds, samples.csv)."""
-    out = Path(tempfile.mkdtemp(prefix="bench_distributed_"))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    t0 = time.perf_counter()
-    p = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if p.returncode != 0:
-        sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-2000:]}")
-    (folder,) = out.iterdir()
-    return seconds, folder / "samples.csv"
+    with tempfile.TemporaryDirectory(prefix="bench_distributed_") as tmp:
+        out = Path(tmp)
+        t0 = time.perf_counter()
+        p = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if p.returncode != 0:
+            sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-2000:]}")
+        (folder,) = out.iterdir()
+        return seconds, (folder / "samples.csv").read_bytes()
 
 
 def main() -> None:
@@ -53,7 +54,7 @@ def main() -> None:
     print(f"  1 process        {one:8.1f} s")
     print(f"  2 ranks (gloo)   {two:8.1f} s")
     print(f"  speed-up (1 / 2) {one / two:8.2f} x")
-    print(f"  samples.csv identical: {one_csv.read_bytes() == two_csv.read_bytes()}")
+    print(f"  samples.csv identical: {one_csv == two_csv}")
 
 
 if __name__ == "__main__":

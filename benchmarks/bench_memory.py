@@ -44,11 +44,11 @@ def main() -> None:
     a = ap.parse_args()
     rows = []
     for n in a.sizes:
-        out = tempfile.mkdtemp(prefix="bench_memory_")
-        cmd = [sys.executable, "-m", "miarobust", "run", "--model", a.model, "--data", "synthetic",
-               "--img-size", str(a.img_size), "--attack", a.attack, "--steps", str(a.steps), "-n", str(n),
-               "--batch-size", str(a.batch_size), "--checks", "off", "--out", out]
-        mib, seconds = peak_rss(cmd, a.threads)
+        with tempfile.TemporaryDirectory(prefix="bench_memory_") as out:
+            cmd = [sys.executable, "-m", "miarobust", "run", "--model", a.model, "--data", "synthetic",
+                   "--img-size", str(a.img_size), "--attack", a.attack, "--steps", str(a.steps), "-n", str(n),
+                   "--batch-size", str(a.batch_size), "--checks", "off", "--out", out]
+            mib, seconds = peak_rss(cmd, a.threads)
         rows.append((n, mib, seconds))
     print(f"{a.model} x {a.attack}-{a.steps} on synthetic {a.img_size}x{a.img_size}, batch {a.batch_size}, CPU, "
           f"{a.threads} threads")

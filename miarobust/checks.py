@@ -157,10 +157,7 @@ def large_eps(ev: Any, samples: pd.DataFrame, m: int) -> dict[str, Any]:
     clean = correct(rows, "clean_correct")
     todo = clean > 0
     acc = float(torch.minimum(clean, rerun(ev, "pgd", acfg, m, salt=20_011, todo=todo)).mean())
-    x, _, _ = ev.batch(0)
-    with torch.no_grad():
-        classes = ev.model(x[:1].to(ev.device)).shape[-1]
-    bound = 1 / classes + CHANCE_SLACK
+    bound = 1 / ev.model.model.num_classes + CHANCE_SLACK
     value = {"acc": acc, "bound": bound, "eps": LARGE_EPS, "steps": acfg.steps, "eot": k, "images": m}
     if acc > bound:
         return result("flag", value, f"PGD at Linf eps {LARGE_EPS} (enough to turn any image grey) leaves accuracy "

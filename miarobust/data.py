@@ -212,7 +212,10 @@ class CheckedImageFolder(Dataset):
         try:
             x, y = self.folder[i]
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot read image {path} ({e}): remove or replace the file.") from e
+            from PIL import UnidentifiedImageError
+
+            why = "not an image PIL can read" if isinstance(e, UnidentifiedImageError) else str(e)
+            raise UserError(f"cannot read image {path} ({why}): remove or replace the file.") from e
         return fit(x, self.geometry), y
 
     @property

@@ -2,7 +2,12 @@
 
 Batch b goes to rank b % world_size; each batch is seeded from (seed, b) alone (evaluate.batch_seed), so
 the merged samples.csv equals a single-process run's. Rank 0 writes config.json, merges, and writes
-summary.json; other ranks write only their partial batch files.
+summary.json; other ranks write only their partial batch files. Rank 0 holds the run folder's lock and
+writes config.json before it tells the other ranks to start; a rank whose batches fail tells every rank.
+
+    torchrun --standalone --nproc_per_node=2 -m miarobust run --model vit_fmnist -n 1000 --batch-size 100
+
+(`-n`, not `--n`: torchrun takes any `--n...` on its command line for one of its own options.)
 """
 
 from __future__ import annotations

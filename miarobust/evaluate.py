@@ -325,21 +325,23 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1) ->
     started = time.time()
     created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first: ours to remove on failure
     with contextlib.ExitStack() as stack:
-        state, message = "go", ""
+        state, message, failure = "go", "", None
         if rank == 0:
             try:
                 stack.enter_context(FolderLock(folder))
-            except UserError as e:
-                state, message = "busy", str(e)
-            if state == "go" and (folder / SUMMARY).is_file() and (folder / SAMPLES).is_file():
-                state = "done"
-            if state == "go":
-                write_json(folder / CONFIG, {**asdict(cfg), "environment": environment(),
-                                             "gate_mode": ev.mia.gate_mode.value if ev.mia else None,
-                                             "checkpoint": getattr(ev.model.model, "checkpoint", None)})
+                if (folder / SUMMARY).is_file() and (folder / SAMPLES).is_file():
+                    state = "done"
+                else:
+                    write_json(folder / CONFIG, {**asdict(cfg), "environment": environment(),
+                                                 "gate_mode": ev.mia.gate_mode.value if ev.mia else None,
+                                                 "checkpoint": getattr(ev.model.model, "checkpoint", None)})
+            except Exception as e:  # noqa: BLE001  (raised below, once the other ranks are told)
+                state, message, failure = "failed", str(e), e
         if world > 1:
             state, message = _broadcast((state, message))
-        if state == "busy":
+        if failure is not None:
+            raise failure
+        if state == "failed":
             raise UserError(message)
         if state == "done":
             log.info("%s is complete already: nothing to do", folder)

@@ -100,6 +100,7 @@ def assert_user_error(r, out: Path, *needles: str) -> None:
     (["--model", "mia_vit_fmnist", "--gate-mode", "random"], ["unknown gate mode 'random'", "stochastic"]),
     (["--model", "mia_vit_fmnist", "--gate-mode", "gumbel"], ["gumbel", "is for training"]),
     (["--split", "val"], ["--split", "'val' is not one of"]),
+    (["--num-classes", "5"], ["embedded has 10 classes but vit_fmnist outputs 5", "--num-classes 10"]),
     (["--data", "cifar10"], ["--data-root is required for CIFAR-10"]),
     (["--data", "folder", "--data-root", "/nonexistent/images"], ["does not exist", "--data-root"]),
     (["--data", "embedded", "--split", "train"], ["only a test split", "fashion-mnist"]),
@@ -115,6 +116,14 @@ def test_bad_argument(cli, tmp_path, args, needles):
 def test_cuda_without_cuda(cli, tmp_path):
     out = tmp_path / "out"
     assert_user_error(cli("run", *TINY, "--device", "cuda", "--out", str(out)), out, "CUDA is not available", "--device cpu")
+
+
+def test_cuda_device_beyond_the_count(cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = tmp_path / "out"
+    assert_user_error(cli("run", *TINY, "--device", "cuda:7", "--out", str(out)), out,
+                      "this machine has 1 CUDA devices, cuda:0 to cuda:0")
 
 
 def test_device_that_does_not_exist(cli, tmp_path):
@@ -319,3 +328,19 @@ def test_report_on_an_empty_folder(cli, tmp_path):
     assert files_under(tmp_path / "empty") == []
     r = cli("report", str(tmp_path / "empty"))  # the report goes into the folder itself by default
     assert r.code == 2 and files_under(tmp_path / "empty") == []
+
+
+def test_every_row_of_docs_errors_names_a_test():
+    """docs/errors.md: each row's last column names test functions that exist."""
+    import re
+
+    tests = Path(__file__).parent
+    rows = [ln for ln in (tests.parent / "docs" / "errors.md").read_text().splitlines()
+            if ln.startswith("| ") and not ln.startswith(("| ---", "| bad input"))]
+    assert len(rows) > 40
+    for row in rows:
+        named = re.findall(r"(test_\w+)::(test_\w+)", row.rsplit("|", 2)[-2])
+        if not named:
+            assert "test_distributed (uses `-n`)" in row, row
+        for module, func in named:
+            assert f"def {func}(" in (tests / f"{module}.py").read_text(), (module, func)

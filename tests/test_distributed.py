@@ -106,7 +106,7 @@ def test_rank0_lock_busy_stops_every_rank(tmp_path, monkeypatch):
     with FolderLock(folder):
         with pytest.raises(UserError, match="another miarobust process is writing"):
             run(cfg, progress=False, rank=0, world=2)
-    assert sent == [("busy", f"another miarobust process is writing {folder}: wait for it to finish.")]
+    assert sent == [("failed", f"another miarobust process is writing {folder}: wait for it to finish.")]
     assert files_under(folder) == [".lock"]  # no config.json: rank 0 wrote nothing
     monkeypatch.setattr(evaluate, "_broadcast", lambda obj: sent[0])  # what rank 1 receives
     with pytest.raises(UserError, match="another miarobust process"):
@@ -142,3 +142,45 @@ def test_failure_on_another_rank_stops_rank0(tmp_path, monkeypatch):
     cfg = RunConfig(**{**CFG, "n": 10}, out=str(tmp_path / "out2"))
     with pytest.raises(UserError, match="rank 1 failed: bad image y.png"):
         run(cfg, progress=False, rank=1, world=2)
+
+
+# -- --device cuda under torchrun (CUDA faked: the checks come before any CUDA call) ----------------------
+
+
+@pytest.mark.parametrize("device, local, needle", [
+    ("cuda:1", "1", "use --device cuda, each rank takes the GPU of its LOCAL_RANK"),
+    ("cuda", "1", "LOCAL_RANK 1 needs GPU 1, but 1 are visible: lower --nproc_per_node"),
+])
+def test_cuda_rank_checks(monkeypatch, device, local, needle):
+    import torch
+
+    from miarobust.distributed import distributed_context
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", local)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=needle):
+        with distributed_context(RunConfig(device=device)):
+            pytest.fail("entered")
+
+
+def test_cuda_picks_the_local_rank_gpu(monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    from miarobust.distributed import distributed_context
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy",)))
+    with distributed_context(RunConfig(device="cuda")) as (rank, world):
+        assert (rank, world) == (1, 2)
+    assert calls == [("set_device", 1), ("init", "nccl"), ("destroy",)]

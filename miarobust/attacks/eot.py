@@ -15,7 +15,7 @@ from torch import nn
 
 
 def default_chunk(device: torch.device | str) -> int:
-    """Rows per forward pass for EOT: measured in benchmarks/bench_eot.py (CPU 256, CUDA 8192)."""
+    """Rows per forward pass for EOT: measured with benchmarks/bench_attacks.py (CPU 256, CUDA 8192)."""
     return 8192 if torch.device(device).type == "cuda" else 256
 
 

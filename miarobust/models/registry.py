@@ -6,6 +6,8 @@ Loading never executes code: safetensors, or `torch.load(weights_only=True)` for
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                 sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (any parse failure of a foreign file is the user's file problem)
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError):  # torch's weights_only refusal: name what it refused
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            first = f"it refers to {found.group(1)}" if found else "it holds objects other than tensors"
         raise UserError(
             f"checkpoint {path} cannot be read safely ({first}): it is truncated, corrupt, or a pickle that "
             "carries code. Use a .safetensors file or a plain state dict saved with torch.save."
