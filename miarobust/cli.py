@@ -195,9 +195,10 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
 @click.option("--data", default="fashion-mnist", show_default=True)
 @click.option("--data-root", default=None)
 @click.option("--out", default=None, help="Run folder (default runs/<model>[-b<budget>]); rerun to resume.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default 18 (static) / 4 (MIA).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default 12 (static) / 4 (MIA).")
+@click.option("--augment/--no-augment", default=False, show_default=True, help="Random shifts (2 px) and flips.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--lr", type=float, default=None, help="Default 2e-3 (static) / 5e-4 backbone, 10x for the controller (MIA).")
+@click.option("--lr", type=float, default=None, help="Default 1e-3 (static) / 5e-4 backbone, 10x for the controller (MIA).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--init", default=None, help="MIA: static checkpoint to start from (default: the shipped vit_fmnist).")
@@ -215,7 +216,7 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
     if not mia and budget is not None:
         raise UserError("--budget applies to MIA-Former models (mia_*) only.")
     out = out or (f"runs/{model}-b{budget:g}" if mia else f"runs/{model}")
-    cfg = TrainConfig(model=model, out=out, epochs=epochs or (4 if mia else 18), lr=lr or (5e-4 if mia else 2e-3),
+    cfg = TrainConfig(model=model, out=out, epochs=epochs or (4 if mia else 12), lr=lr or (5e-4 if mia else 1e-3),
                       budget=budget, extra={"rl_weight": rl_weight, "flops_lambda": flops_lambda} if mia else {}, **kw)
     try:
         if mia:

@@ -247,7 +247,7 @@ def summarize(cfg: RunConfig, samples: pd.DataFrame, attacks: list[AttackInfo], 
         entry = prop(f"{a}_correct")
         entry.update({
             "gmacs_mean": float(samples[f"{a}_gmacs"].mean()),
-            "eot": info.eot(acfg) if info.own_eot <= 1 else info.own_eot,
+            "eot": info.eot(acfg, stochastic) if info.own_eot <= 1 else info.own_eot,
             "adaptive": info.adaptive(acfg),
             "label": ("adaptive" if info.adaptive(acfg) else "non-adaptive") if stochastic else "deterministic-model",
             "max_dist": float(samples[f"{a}_dist"].max()) if n else 0.0,
@@ -418,6 +418,12 @@ def finish(cfg: RunConfig, ev: Evaluation, folder: Path, seconds: float) -> dict
     extra: dict[str, Any] = {"gate_mode": ev.mia.gate_mode.value if ev.mia else None, "wall_seconds": seconds,
                              "folder": folder.name}
     summary = summarize(cfg, samples, ev.attacks, ev.draws, extra)
+    from miarobust.models.flops import VitDims, static_macs
+
+    static = static_macs(VitDims.of(ev.model)) / 1e9  # what the backbone costs with every gate open
+    summary["gmacs"]["static"] = static
+    summary["gmacs"]["clean_share_of_static"] = summary["gmacs"]["clean_mean"] / static
+    summary["gmacs"]["adv_share_of_static"] = {a: v / static for a, v in summary["gmacs"]["adv_mean"].items()}
     from miarobust.checks import run_checks
 
     summary["checks"] = run_checks(cfg, ev, samples, summary)

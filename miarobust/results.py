@@ -24,6 +24,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; results are for other users and CI too
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -35,9 +38,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
         raise
 
 
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically write a binary file."""
+    atomic_write(path, lambda f: f.write(data))
+
+
 def write_text(path: str | os.PathLike[str], text: str) -> None:
     """Atomically write a text file."""
-    atomic_write(path, lambda f: f.write(text.encode()))
+    write_bytes(path, text.encode())
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -94,9 +94,9 @@ class AttackInfo:
     white_box: bool = True  # attacks accuracy through the victim's own gradients (the checks compare with Square)
     stepped: bool = False  # its strength follows --steps / --restarts (the checks rerun it with more)
 
-    def eot(self, cfg: AttackConfig) -> int:
-        """K of the EOT wrapper this attack uses under `cfg`."""
-        return max(cfg.eot, self.min_eot)
+    def eot(self, cfg: AttackConfig, stochastic: bool = True) -> int:
+        """K of the EOT wrapper this attack uses under `cfg` (1 on a deterministic model: draws are all equal)."""
+        return max(cfg.eot, self.min_eot) if stochastic else 1
 
     def adaptive(self, cfg: AttackConfig) -> bool:
         """Whether the attack averages over gate draws (required to claim a number on a stochastic model)."""
@@ -162,7 +162,12 @@ def build_transfer(victim: Victim, cfg: AttackConfig, eot: int = 1) -> AttackFn:
     from miarobust.models.normalize import Normalized
 
     name = cfg.surrogate or "vit_fmnist"
-    surrogate = Normalized(create(name, checkpoint=cfg.surrogate_checkpoint)).to(victim.device).eval()
+    backbone = create(name, checkpoint=cfg.surrogate_checkpoint)
+    target_cfg = getattr(victim.model, "model", victim.model).pretrained_cfg
+    if tuple(backbone.pretrained_cfg["input_size"]) != tuple(target_cfg["input_size"]):
+        raise UserError(f"surrogate {name} takes {tuple(backbone.pretrained_cfg['input_size'])} images but the target "
+                        f"takes {tuple(target_cfg['input_size'])}: pick a surrogate of the same input size.")
+    surrogate = Normalized(backbone).to(victim.device).eval()
     for p in surrogate.parameters():
         p.requires_grad_(False)
     return build_pgd(Victim(surrogate, None, victim.device), cfg, 1)
@@ -254,4 +259,4 @@ def get_attack(name: str, cfg: AttackConfig) -> AttackInfo:
 
 def build_attack(info: AttackInfo, victim: Victim, cfg: AttackConfig) -> AttackFn:
     """An attack function x (B, C, H, W) in [0, 1], y (B,) -> x_adv, on `victim`."""
-    return info.build(victim, cfg, info.eot(cfg))
+    return info.build(victim, cfg, info.eot(cfg, victim.stochastic))

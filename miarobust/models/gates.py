@@ -37,7 +37,8 @@ class GateMode(str, Enum):
         try:
             return cls(value)
         except ValueError:
-            raise UserError(f"unknown gate mode '{value}': use one of {', '.join(m.value for m in cls)}.") from None
+            modes = ", ".join(m.value for m in cls if m is not cls.GUMBEL)
+            raise UserError(f"unknown gate mode '{value}': use one of {modes} ('gumbel' in training).") from None
 
 
 def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ Loading never executes code: safetensors, or `torch.load(weights_only=True)` for
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -108,5 +109,8 @@ def create(
             source = shipped
     if source is not None:
         load_weights(model, read_state_dict(source), source)
+    elif pretrained:
+        logging.getLogger(__name__).warning(
+            "%s has no shipped weights and no --checkpoint was given: using random weights", name)
     model.checkpoint = source  # recorded in config.json
     return model.eval()

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from miarobust.errors import UserError
-from miarobust.results import atomic_write, write_csv, write_json
+from miarobust.results import write_bytes, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,9 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 0.3
     label_smoothing: float = 0.1
+    augment: bool = False
     seed: int = 0
     device: str = "cpu"
     init: str | None = None
@@ -96,7 +97,7 @@ def plot_curves(frame: pd.DataFrame, path: Path, title: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    write_bytes(path, buf.getvalue())
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -152,7 +153,7 @@ def fit(
         seen = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
         for x, y in bar:
-            x, y = augment(x, gen).to(device), y.to(device)
+            x, y = (augment(x, gen) if cfg.augment else x).to(device), y.to(device)
             loss, metrics = step(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -169,10 +170,10 @@ def fit(
         log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
         frame = pd.DataFrame(rows)
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        atomic_write(out / "model.safetensors", lambda f: f.write(save(weights, metadata={"epoch": str(epoch + 1)})))
+        write_bytes(out / "model.safetensors", save(weights, metadata={"epoch": str(epoch + 1)}))
         write_csv(out / "log.csv", frame)
         buf = io.BytesIO()
         torch.save({"model": weights, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1}, buf)
-        atomic_write(state_file, lambda f: f.write(buf.getvalue()))
+        write_bytes(state_file, buf.getvalue())
         plot_curves(frame, out / "curves.png", f"{cfg.model} on {cfg.data}")
     return pd.DataFrame(rows)

@@ -2,8 +2,11 @@
 
 Per step (Yu et al. 2022 train the controller with a hybrid of SL and RL; the losses here are ours):
 
-    SL:  CE(student) + w_kd * KL(teacher || student) + w_budget * (mean MACs ratio - budget)^2
-         with straight-through Gumbel-sigmoid gates (AdaViT, Meng et al. 2022), dense masked execution;
+    SL:  CE(student) + w_kd * KL(teacher || student)
+         + w_budget * [(mean MACs ratio - budget)^2 + (mean deterministic MACs ratio - budget)^2]
+         with straight-through Gumbel-sigmoid gates (AdaViT, Meng et al. 2022), dense masked execution; the
+         second term (gates p > 0.5 along the same path, sigmoid gradients) keeps deterministic inference,
+         which opens every gate with p > 0.5, within the budget too;
     RL:  -(R - b) * log pi(drawn gates),  R = correct - lambda * MACs ratio   (REINFORCE, Williams 1992)
          with Bernoulli gates drawn from the controller and b a moving-average baseline.
 
@@ -71,7 +74,8 @@ def train_mia(cfg: TrainConfig) -> None:
         p.requires_grad_(False)
     backbone = create(cfg.model, checkpoint=init, pretrained=False, gate_mode="gumbel")
     model = Normalized(backbone).to(device)
-    full = float(static_macs(VitDims.of(backbone)))
+    dims = VitDims.of(backbone)
+    full = float(static_macs(dims))
     geometry = Geometry.of(backbone)
     train_set = load_dataset(cfg.data, geometry, cfg.data_root, "train")
     test_set = load_dataset(cfg.data, geometry, cfg.data_root, "test")
@@ -83,14 +87,16 @@ def train_mia(cfg: TrainConfig) -> None:
         backbone.set_gate_mode("gumbel")
         logits = model(x)
         ratio = backbone.last.macs / full
+        det_ratio = backbone.last.threshold_macs(dims) / full
         with torch.no_grad():
             soft = teacher(x).softmax(-1)
         ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         kd = F.kl_div(logits.log_softmax(-1), soft, reduction="batchmean")
-        budget = (ratio.mean() - cfg.budget) ** 2
+        # the sampled structure and the deterministic (p > 0.5) one are both held to the budget
+        budget = (ratio.mean() - cfg.budget) ** 2 + (det_ratio.mean() - cfg.budget) ** 2
         loss = ce + KD_WEIGHT * kd + BUDGET_WEIGHT * budget
         metrics = {"loss": loss.item(), "train_acc": (logits.argmax(1) == y).float().mean().item(),
-                   "train_ratio": ratio.mean().item()}
+                   "train_ratio": ratio.mean().item(), "train_det_ratio": det_ratio.mean().item()}
         if rl_weight > 0:
             backbone.set_gate_mode("stochastic")
             half = x[: max(1, len(x) // 2)]  # the policy gradient needs fewer samples than the supervised part

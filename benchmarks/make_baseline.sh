@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Writes results/baseline/: the reference runs that CI's `miarobust regress --baseline results/baseline`
+# re-runs from their recorded configs and compares (shipped models, embedded data, n=200).
+# Usage: bash benchmarks/make_baseline.sh   (from the repository root; rerun resumes)
+set -euo pipefail
+out=results/baseline
+common=(--data embedded --n 200 --batch-size 100 --checks off --out "$out")
+for eps in 2/255 8/255; do
+  miarobust run --model vit_fmnist --attack pgd --eps "$eps" "${common[@]}"
+  miarobust run --model mia_vit_fmnist --attack pgd --eps "$eps" "${common[@]}"
+  miarobust run --model mia_vit_fmnist --gate-mode stochastic --eval-samples 4 --attack eot-pgd --eot 4 \
+    --eps "$eps" "${common[@]}"
+done
+miarobust run --model vit_fmnist --attack autoattack --eps 2/255 --data embedded --n 100 --batch-size 100 \
+  --checks off --out "$out"

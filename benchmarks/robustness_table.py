@@ -1,0 +1,84 @@
+"""Does MIA-Former's robustness gain survive adaptive attacks? The grid of issue 4, as one markdown table.
+
+For each eps, `mia_vit_fmnist` in stochastic mode under non-adaptive PGD, EOT-PGD (K = 1, 4, 16),
+BPDA-PGD (straight-through gates, EOT 4), transfer from `vit_fmnist`, and (at --aa-n images) autoattack-rand;
+beside the static `vit_fmnist` under PGD and (at --aa-n images) AutoAttack standard. Each cell is one
+`miarobust run` (results under --out, resumable); the table is read from the runs' summary.json files.
+
+    python benchmarks/robustness_table.py [--n 1000] [--aa-n 100] [--eps 1/255,2/255,4/255,8/255] [--out results/grid]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+
+def cells(n: int, aa_n: int, eval_samples: int) -> list[tuple[str, list[str]]]:
+    mia = ["--model", "mia_vit_fmnist", "--gate-mode", "stochastic", "--eval-samples", str(eval_samples)]
+    return [
+        ("MIA stochastic, PGD (non-adaptive)", mia + ["--attack", "pgd", "--n", str(n)]),
+        ("MIA stochastic, EOT-PGD K=1", mia + ["--attack", "eot-pgd", "--eot", "1", "--n", str(n)]),
+        ("MIA stochastic, EOT-PGD K=4", mia + ["--attack", "eot-pgd", "--eot", "4", "--n", str(n)]),
+        ("MIA stochastic, EOT-PGD K=16", mia + ["--attack", "eot-pgd", "--eot", "16", "--n", str(n)]),
+        ("MIA stochastic, BPDA-PGD K=4", mia + ["--attack", "bpda-pgd", "--eot", "4", "--n", str(n)]),
+        ("MIA stochastic, transfer from vit_fmnist", mia + ["--attack", "transfer", "--n", str(n)]),
+        ("MIA stochastic, autoattack-rand", mia + ["--attack", "autoattack-rand", "--n", str(aa_n)]),
+        ("vit_fmnist, PGD", ["--model", "vit_fmnist", "--attack", "pgd", "--n", str(n)]),
+        ("vit_fmnist, AutoAttack", ["--model", "vit_fmnist", "--attack", "autoattack", "--n", str(aa_n)]),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--aa-n", type=int, default=100)
+    ap.add_argument("--eps", default="1/255,2/255,4/255,8/255")
+    ap.add_argument("--eval-samples", type=int, default=10)
+    ap.add_argument("--out", default="results/grid")
+    ap.add_argument("--only-table", action="store_true", help="read finished runs, run nothing")
+    args = ap.parse_args()
+    eps_list = args.eps.split(",")
+    table: dict[str, dict[str, str]] = {}
+    for eps in eps_list:
+        for name, argv in cells(args.n, args.aa_n, args.eval_samples):
+            cmd = [sys.executable, "-m", "miarobust", "run", *argv, "--eps", eps, "--data", "embedded",
+                   "--checks", "off", "--out", args.out]
+            if not args.only_table:
+                print("$", shlex.join(["miarobust", *cmd[3:]]), flush=True)
+                subprocess.run(cmd, check=True)
+            summary = find_summary(Path(args.out), argv, eps)
+            if summary is None:
+                table.setdefault(name, {})[eps] = "-"
+                continue
+            (att,) = summary["attacks"].values()
+            lo, hi = att["ci95"]
+            table.setdefault(name, {})[eps] = f"{100 * att['acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (n={att['n']})"
+            table[name]["clean"] = f"{100 * summary['clean']['acc']:.1f}"
+    print("| model, attack | clean % | " + " | ".join(f"eps {e}" for e in eps_list) + " |")
+    print("|---|---|" + "---|" * len(eps_list))
+    for name, row in table.items():
+        print(f"| {name} | {row.get('clean', '-')} | " + " | ".join(row.get(e, "-") for e in eps_list) + " |")
+
+
+def find_summary(out: Path, argv: list[str], eps: str) -> dict | None:
+    """The summary of the finished run with these arguments (matched on its config.json)."""
+    want = dict(zip(argv[::2], argv[1::2]))
+    for path in out.glob("*/summary.json"):
+        cfg = json.loads((path.parent / "config.json").read_text())
+        if cfg["model"] != want["--model"] or cfg["eps_text"] != eps or list(cfg["attacks"]) != [want["--attack"]]:
+            continue
+        if cfg["n"] != int(want["--n"]) or cfg["eot"] != int(want.get("--eot", 1)):
+            continue
+        if cfg.get("gate_mode") != want.get("--gate-mode", cfg.get("gate_mode")):
+            continue
+        return json.loads(path.read_text())
+    return None
+
+
+if __name__ == "__main__":
+    main()
