@@ -5,7 +5,8 @@ BPDA-PGD (straight-through gates, EOT 4), transfer from `vit_fmnist`, and (at --
 beside the static `vit_fmnist` under PGD and (at --aa-n images) AutoAttack standard. Each cell is one
 `miarobust run` (results under --out, resumable); the table is read from the runs' summary.json files.
 
-    python benchmarks/robustness_table.py [--n 1000] [--aa-n 100] [--eps 1/255,2/255,4/255,8/255] [--out results/grid]
+    python benchmarks/robustness_table.py [--n 1000] [--aa-n 100] [--aa-rand-n 50] [--eval-samples 10]
+        [--eps 1/255,2/255,4/255,8/255] [--out results/grid]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 
-def cells(n: int, aa_n: int, eval_samples: int) -> list[tuple[str, list[str]]]:
+def cells(n: int, aa_n: int, aa_rand_n: int, eval_samples: int) -> list[tuple[str, list[str]]]:
     mia = ["--model", "mia_vit_fmnist", "--gate-mode", "stochastic", "--eval-samples", str(eval_samples)]
     return [
         ("MIA stochastic, PGD (non-adaptive)", mia + ["--attack", "pgd", "--n", str(n)]),
@@ -27,7 +28,7 @@ def cells(n: int, aa_n: int, eval_samples: int) -> list[tuple[str, list[str]]]:
         ("MIA stochastic, EOT-PGD K=16", mia + ["--attack", "eot-pgd", "--eot", "16", "--n", str(n)]),
         ("MIA stochastic, BPDA-PGD K=4", mia + ["--attack", "bpda-pgd", "--eot", "4", "--n", str(n)]),
         ("MIA stochastic, transfer from vit_fmnist", mia + ["--attack", "transfer", "--n", str(n)]),
-        ("MIA stochastic, autoattack-rand", mia + ["--attack", "autoattack-rand", "--n", str(aa_n)]),
+        ("MIA stochastic, autoattack-rand", mia + ["--attack", "autoattack-rand", "--n", str(aa_rand_n)]),
         ("vit_fmnist, PGD", ["--model", "vit_fmnist", "--attack", "pgd", "--n", str(n)]),
         ("vit_fmnist, AutoAttack", ["--model", "vit_fmnist", "--attack", "autoattack", "--n", str(aa_n)]),
     ]
@@ -36,7 +37,8 @@ def cells(n: int, aa_n: int, eval_samples: int) -> list[tuple[str, list[str]]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--aa-n", type=int, default=100)
+    ap.add_argument("--aa-n", type=int, default=100, help="images for AutoAttack on the static model")
+    ap.add_argument("--aa-rand-n", type=int, default=50, help="images for autoattack-rand (EOT 20: costly)")
     ap.add_argument("--eps", default="1/255,2/255,4/255,8/255")
     ap.add_argument("--eval-samples", type=int, default=10)
     ap.add_argument("--out", default="results/grid")
@@ -45,7 +47,7 @@ def main() -> None:
     eps_list = args.eps.split(",")
     table: dict[str, dict[str, str]] = {}
     for eps in eps_list:
-        for name, argv in cells(args.n, args.aa_n, args.eval_samples):
+        for name, argv in cells(args.n, args.aa_n, args.aa_rand_n, args.eval_samples):
             cmd = [sys.executable, "-m", "miarobust", "run", *argv, "--eps", eps, "--data", "embedded",
                    "--checks", "off", "--out", args.out]
             if not args.only_table:
