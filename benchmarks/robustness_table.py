@@ -23,11 +23,11 @@ def cells(n: int, aa_n: int, aa_rand_n: int, eval_samples: int) -> list[tuple[st
     mia = ["--model", "mia_vit_fmnist", "--gate-mode", "stochastic", "--eval-samples", str(eval_samples)]
     return [
         ("MIA stochastic, PGD (non-adaptive)", mia + ["--attack", "pgd", "--n", str(n)]),
-        ("MIA stochastic, EOT-PGD K=1", mia + ["--attack", "eot-pgd", "--eot", "1", "--n", str(n)]),
         ("MIA stochastic, EOT-PGD K=4", mia + ["--attack", "eot-pgd", "--eot", "4", "--n", str(n)]),
-        ("MIA stochastic, EOT-PGD K=16", mia + ["--attack", "eot-pgd", "--eot", "16", "--n", str(n)]),
         ("MIA stochastic, BPDA-PGD K=4", mia + ["--attack", "bpda-pgd", "--eot", "4", "--n", str(n)]),
         ("MIA stochastic, transfer from vit_fmnist", mia + ["--attack", "transfer", "--n", str(n)]),
+        ("MIA stochastic, EOT-PGD K=1", mia + ["--attack", "eot-pgd", "--eot", "1", "--n", str(n)]),
+        ("MIA stochastic, EOT-PGD K=16", mia + ["--attack", "eot-pgd", "--eot", "16", "--n", str(n)]),
         ("MIA stochastic, autoattack-rand", mia + ["--attack", "autoattack-rand", "--n", str(aa_rand_n)]),
         ("vit_fmnist, PGD", ["--model", "vit_fmnist", "--attack", "pgd", "--n", str(n)]),
         ("vit_fmnist, AutoAttack", ["--model", "vit_fmnist", "--attack", "autoattack", "--n", str(aa_n)]),
