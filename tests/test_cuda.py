@@ -27,7 +27,7 @@ def test_run_on_cuda_matches_cpu_closely(cli, tmp_path, extra):
     cpu, gpu = summaries["cpu"], summaries["cuda"]
     assert gpu["clean"]["acc"] == pytest.approx(cpu["clean"]["acc"], abs=0.1)
     assert gpu["gmacs"]["clean_mean"] == pytest.approx(cpu["gmacs"]["clean_mean"], rel=0.05)
-    for name, att in gpu["attacks"].items():
+    for att in gpu["attacks"].values():
         assert att["acc"] <= gpu["clean"]["acc"] + 1e-9
         assert att["max_dist"] <= gpu["eps"] * (1 + 1e-5) + 1e-5
 
