@@ -115,8 +115,8 @@ def test_different_arguments_use_different_folders(tmp_path):
 
 # -- real processes --------------------------------------------------------------------------------------
 
-#: Long enough (24 batches) that a kill lands well before the end, short enough for CI.
-LONG = ["--model", "vit_fmnist", "--n", "96", "--batch-size", "4", "--steps", "10", "--checks", "off"]
+#: Long enough (24 batches of 30 PGD steps) that a kill lands well before the end, short enough for CI.
+LONG = ["--model", "vit_fmnist", "--n", "96", "--batch-size", "4", "--steps", "30", "--checks", "off"]
 
 
 def start(out: Path) -> subprocess.Popen:
@@ -139,7 +139,7 @@ def wait_for_batch(proc: subprocess.Popen, out: Path, timeout: float = 120) -> N
 @pytest.fixture(scope="module")
 def long_reference(tmp_path_factory) -> bytes:
     out = tmp_path_factory.mktemp("long")  # in this process: one thread, as in the children
-    run(RunConfig(**{**CFG, "n": 96, "batch_size": 4, "steps": 10}, out=str(out)), progress=False)
+    run(RunConfig(**{**CFG, "n": 96, "batch_size": 4, "steps": 30}, out=str(out)), progress=False)  # = LONG
     return samples_bytes(out)
 
 
