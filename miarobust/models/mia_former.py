@@ -248,8 +248,8 @@ class MIAFormer(VisionTransformer):
             log_prob = log_prob + pb + (gb.detach() > 0.5) * (ph.sum(1) + pt.sum(1))
             x = (blk.forward_masked if masked else blk.forward_sliced)(x, gb, gh, gt)
             blocks.append(gb), heads.append(gh), tokens.append(gt)
-            for acc, logits in zip(probs, (lb, lh, torch.cat([prefix * 50.0, lt], 1))):
-                acc.append(torch.sigmoid(logits))
+            for acc, p in zip(probs, (torch.sigmoid(lb), torch.sigmoid(lh), torch.cat([prefix, torch.sigmoid(lt)], 1))):
+                acc.append(p)
         g_b, g_h, g_t = torch.stack(blocks, 1), torch.stack(heads, 1), torch.stack(tokens, 1)
         self.last = GateRecord(g_b, g_h, g_t, log_prob, mia_macs(dims, g_b, g_h, g_t),
                                tuple(torch.stack(p, 1) for p in probs))
