@@ -41,7 +41,13 @@ def distributed_context(cfg: Any) -> Iterator[tuple[int, int]]:
                             "visible: lower --nproc_per_node or use --device cpu.")
         torch.cuda.set_device(local)  # so --device cuda means this rank's GPU, and nccl uses it
     dist.init_process_group("nccl" if cuda else "gloo")
+    finished = False
     try:
         yield dist.get_rank(), dist.get_world_size()
+        finished = True
     finally:
+        if finished:
+            # No rank tears its end of the group down while another still talks to it (gloo aborts the
+            # process otherwise). A rank that failed skips this: torchrun then stops the others.
+            dist.barrier()
         dist.destroy_process_group()

@@ -180,7 +180,8 @@ def test_cuda_picks_the_local_rank_gpu(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append(("barrier",)))
     monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy",)))
     with distributed_context(RunConfig(device="cuda")) as (rank, world):
         assert (rank, world) == (1, 2)
-    assert calls == [("set_device", 1), ("init", "nccl"), ("destroy",)]
+    assert calls == [("set_device", 1), ("init", "nccl"), ("barrier",), ("destroy",)]
