@@ -8,7 +8,7 @@ common=(--data embedded --n 200 --batch-size 100 --checks off --out "$out")
 for eps in 2/255 8/255; do
   miarobust run --model vit_fmnist --attack pgd --eps "$eps" "${common[@]}"
   miarobust run --model mia_vit_fmnist --attack pgd --eps "$eps" "${common[@]}"
-  miarobust run --model mia_vit_fmnist --gate-mode stochastic --eval-samples 4 --attack eot-pgd --eot 4 \
+  miarobust run --model mia_vit_fmnist --gate-mode stochastic --eval-samples 4 --attack eot-pgd --eot 8 \
     --eps "$eps" "${common[@]}"
 done
 # AutoAttack (standard) at one eps on the first 50 images: it is the costly step of the gate (about a

@@ -74,7 +74,7 @@ def find_summary(out: Path, argv: list[str], eps: str) -> dict | None:
         cfg = json.loads((path.parent / "config.json").read_text())
         if cfg["model"] != want["--model"] or cfg["eps_text"] != eps or list(cfg["attacks"]) != [want["--attack"]]:
             continue
-        if cfg["n"] != int(want["--n"]) or cfg["eot"] != int(want.get("--eot", 1)):
+        if cfg["n"] != int(want["--n"]) or (cfg["eot"] or 1) != int(want.get("--eot", 1)):
             continue
         if cfg.get("gate_mode") != want.get("--gate-mode", cfg.get("gate_mode")):
             continue

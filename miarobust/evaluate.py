@@ -57,7 +57,7 @@ class RunConfig:
     steps: int = 10
     alpha: float | None = None
     restarts: int = 1
-    eot: int = 1
+    eot: int | None = None  # None: each attack's own default (8 for eot-pgd, 1 otherwise)
     eot_chunk: int | None = None
     eval_samples: int = 10
     surrogate: str | None = None

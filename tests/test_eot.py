@@ -108,3 +108,13 @@ def test_eot_pgd_on_a_deterministic_model_is_pgd(mia: Normalized) -> None:
 def test_default_chunk() -> None:
     assert default_chunk("cpu") >= 1 and default_chunk("cuda") >= default_chunk("cpu")
     assert math.isfinite(default_chunk(torch.device("cpu")))
+
+
+def test_an_explicit_eot_is_kept_and_only_a_missing_one_takes_the_attacks_default():
+    """`--eot 4` on eot-pgd runs K=4 (the K=1/4/16 grid depends on it); no --eot runs its default of 8."""
+    cfg = AttackConfig(eps=0.1)
+    eot_pgd, pgd = get_attack("eot-pgd", cfg), get_attack("pgd", cfg)
+    assert [eot_pgd.eot(AttackConfig(eps=0.1, eot=k)) for k in (None, 1, 4, 16)] == [8, 1, 4, 16]
+    assert [pgd.eot(AttackConfig(eps=0.1, eot=k)) for k in (None, 4)] == [1, 4]
+    assert eot_pgd.eot(AttackConfig(eps=0.1, eot=4), stochastic=False) == 1
+    assert not eot_pgd.adaptive(AttackConfig(eps=0.1, eot=1)) and eot_pgd.adaptive(AttackConfig(eps=0.1))

@@ -33,7 +33,7 @@ class AttackConfig:
     steps: int = 10
     alpha: float | None = None
     restarts: int = 1
-    eot: int = 1
+    eot: int | None = None  # gate draws per gradient; None: the attack's own default (AttackInfo.min_eot)
     eot_chunk: int | None = None
     cw_c: float = 1.0
     surrogate: str | None = None
@@ -89,14 +89,16 @@ class AttackInfo:
     summary: str
     build: Callable[[Victim, AttackConfig], AttackFn]
     norms: tuple[str, ...] = ("Linf", "L2")
-    min_eot: int = 1  # the attack's default K when --eot is not given
+    min_eot: int = 1  # the attack's K when --eot is not given
     own_eot: int = 0  # EOT iterations the attack runs itself (autoattack-rand)
     white_box: bool = True  # attacks accuracy through the victim's own gradients (the checks compare with Square)
     stepped: bool = False  # its strength follows --steps / --restarts (the checks rerun it with more)
 
     def eot(self, cfg: AttackConfig, stochastic: bool = True) -> int:
         """K of the EOT wrapper this attack uses under `cfg` (1 on a deterministic model: draws are all equal)."""
-        return max(cfg.eot, self.min_eot) if stochastic else 1
+        if not stochastic:
+            return 1
+        return self.min_eot if cfg.eot is None else cfg.eot
 
     def adaptive(self, cfg: AttackConfig) -> bool:
         """Whether the attack averages over gate draws (required to claim a number on a stochastic model)."""
