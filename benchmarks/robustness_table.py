@@ -1,11 +1,12 @@
 """Does MIA-Former's robustness gain survive adaptive attacks? The grid of issue 4, as one markdown table.
 
 For each eps, `mia_vit_fmnist` in stochastic mode under non-adaptive PGD, EOT-PGD (K = 1, 4, 16),
-BPDA-PGD (straight-through gates, EOT 4), transfer from `vit_fmnist`, and (at --aa-n images) autoattack-rand;
-beside the static `vit_fmnist` under PGD and (at --aa-n images) AutoAttack standard. Each cell is one
+BPDA-PGD (straight-through gates, EOT 4), transfer from `vit_fmnist`, and (at --aa-rand-n images) autoattack-rand;
+beside the same model with deterministic gates (PGD, BPDA-PGD, AutoAttack: is a gain the randomness's or
+the weights'?) and the static `vit_fmnist` under PGD and (at --aa-n images) AutoAttack standard. Each cell is one
 `miarobust run` (results under --out, resumable); the table is read from the runs' summary.json files.
 
-    python benchmarks/robustness_table.py [--n 1000] [--aa-n 100] [--aa-rand-n 50] [--eval-samples 10]
+    python benchmarks/robustness_table.py [--n 1000] [--aa-n 100] [--aa-rand-n 30] [--eval-samples 10]
         [--eps 1/255,2/255,4/255,8/255] [--out results/grid]
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 def cells(n: int, aa_n: int, aa_rand_n: int, eval_samples: int) -> list[tuple[str, list[str]]]:
     mia = ["--model", "mia_vit_fmnist", "--gate-mode", "stochastic", "--eval-samples", str(eval_samples)]
+    det = ["--model", "mia_vit_fmnist", "--gate-mode", "deterministic"]  # the control: same weights, no randomness
     return [
         ("MIA stochastic, PGD (non-adaptive)", mia + ["--attack", "pgd", "--n", str(n)]),
         ("MIA stochastic, EOT-PGD K=4", mia + ["--attack", "eot-pgd", "--eot", "4", "--n", str(n)]),
@@ -29,6 +31,9 @@ def cells(n: int, aa_n: int, aa_rand_n: int, eval_samples: int) -> list[tuple[st
         ("MIA stochastic, EOT-PGD K=1", mia + ["--attack", "eot-pgd", "--eot", "1", "--n", str(n)]),
         ("MIA stochastic, EOT-PGD K=16", mia + ["--attack", "eot-pgd", "--eot", "16", "--n", str(n)]),
         ("MIA stochastic, autoattack-rand", mia + ["--attack", "autoattack-rand", "--n", str(aa_rand_n)]),
+        ("MIA deterministic, PGD", det + ["--attack", "pgd", "--n", str(n)]),
+        ("MIA deterministic, BPDA-PGD", det + ["--attack", "bpda-pgd", "--n", str(n)]),
+        ("MIA deterministic, AutoAttack", det + ["--attack", "autoattack", "--n", str(aa_n)]),
         ("vit_fmnist, PGD", ["--model", "vit_fmnist", "--attack", "pgd", "--n", str(n)]),
         ("vit_fmnist, AutoAttack", ["--model", "vit_fmnist", "--attack", "autoattack", "--n", str(aa_n)]),
     ]
@@ -38,7 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--aa-n", type=int, default=100, help="images for AutoAttack on the static model")
-    ap.add_argument("--aa-rand-n", type=int, default=50, help="images for autoattack-rand (EOT 20: costly)")
+    ap.add_argument("--aa-rand-n", type=int, default=30, help="images for autoattack-rand (EOT 20: costly)")
     ap.add_argument("--eps", default="1/255,2/255,4/255,8/255")
     ap.add_argument("--eval-samples", type=int, default=10)
     ap.add_argument("--out", default="results/grid")
