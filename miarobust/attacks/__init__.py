@@ -33,7 +33,7 @@ class AttackConfig:
     steps: int = 10
     alpha: float | None = None
     restarts: int = 1
-    eot: int | None = None  # gate draws per gradient; None: the attack's own default (AttackInfo.min_eot)
+    eot: int | None = None  # gate draws per gradient; None: the attack's own default (AttackInfo.default_eot)
     eot_chunk: int | None = None
     cw_c: float = 1.0
     surrogate: str | None = None
@@ -89,7 +89,7 @@ class AttackInfo:
     summary: str
     build: Callable[[Victim, AttackConfig], AttackFn]
     norms: tuple[str, ...] = ("Linf", "L2")
-    min_eot: int = 1  # the attack's K when --eot is not given
+    default_eot: int = 1  # the attack's K when --eot is not given
     own_eot: int = 0  # EOT iterations the attack runs itself (autoattack-rand)
     white_box: bool = True  # attacks accuracy through the victim's own gradients (the checks compare with Square)
     stepped: bool = False  # its strength follows --steps / --restarts (the checks rerun it with more)
@@ -98,7 +98,7 @@ class AttackInfo:
         """K of the EOT wrapper this attack uses under `cfg` (1 on a deterministic model: draws are all equal)."""
         if not stochastic:
             return 1
-        return self.min_eot if cfg.eot is None else cfg.eot
+        return self.default_eot if cfg.eot is None else cfg.eot
 
     def adaptive(self, cfg: AttackConfig) -> bool:
         """Whether the attack averages over gate draws (required to claim a number on a stochastic model)."""
@@ -230,7 +230,7 @@ ATTACKS: dict[str, AttackInfo] = {
         AttackInfo("pgd-cw", "PGD on the Carlini-Wagner margin loss", build_pgd_cw, stepped=True),
         AttackInfo("cw", "Carlini-Wagner L2 (torchattacks); results beyond eps count as failures", build_cw,
                    norms=("L2",), stepped=True),
-        AttackInfo("eot-pgd", "PGD with EOT over gate draws (--eot K, default 8)", build_pgd, min_eot=8, stepped=True),
+        AttackInfo("eot-pgd", "PGD with EOT over gate draws (--eot K, default 8)", build_pgd, default_eot=8, stepped=True),
         AttackInfo("bpda-pgd", "PGD through straight-through gates (BPDA), EOT when --eot > 1", build_bpda_pgd,
                    stepped=True),
         AttackInfo("transfer", "PGD on a static surrogate (--surrogate), evaluated on the target", build_transfer,
