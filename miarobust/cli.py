@@ -202,23 +202,28 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
 @click.option("--lr", type=float, default=None, help="Default 1e-3 (static) / 5e-4 backbone, 10x for the controller (MIA).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--init", default=None, help="MIA: static checkpoint to start from (default: the shipped vit_fmnist).")
+@click.option("--init", default=None, help="Checkpoint to start from. MIA: a static one (default: the shipped "
+              "vit_fmnist) or an MIA one of the same model, for a further stage.")
+@click.option("--teacher", default=None, help="MIA: static checkpoint distilled from (default: --init if static, "
+              "else the shipped one).")
+@click.option("--kd-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="MIA: weight of the distillation loss.")
 @click.option("--budget", type=click.FloatRange(0.05, 1.0), default=None, help="MIA: target share of the static MACs.")
 @click.option("--rl-weight", type=float, default=1.0, show_default=True, help="MIA: weight of the REINFORCE loss.")
 @click.option("--flops-lambda", type=float, default=1.0, show_default=True, help="MIA: reward = correct - lambda * MACs ratio.")
 def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None, budget: float | None,
-              rl_weight: float, flops_lambda: float, **kw: Any) -> None:
+              rl_weight: float, flops_lambda: float, teacher: str | None, kd_weight: float, **kw: Any) -> None:
     """Train a static ViT, or MIA-Former's controller and backbone (hybrid SL + RL)."""
     from miarobust.train.loop import TrainConfig
 
     mia = model.startswith("mia_")
     if mia and budget is None:
         raise UserError("MIA-Former training needs --budget, the target share of the static MACs (e.g. 0.7).")
-    if not mia and budget is not None:
-        raise UserError("--budget applies to MIA-Former models (mia_*) only.")
+    if not mia and (budget is not None or teacher is not None):
+        raise UserError("--budget and --teacher apply to MIA-Former models (mia_*) only.")
     out = out or (f"runs/{model}-b{budget:g}" if mia else f"runs/{model}")
     cfg = TrainConfig(model=model, out=out, epochs=epochs or (4 if mia else 12), lr=lr or (5e-4 if mia else 1e-3),
-                      budget=budget, extra={"rl_weight": rl_weight, "flops_lambda": flops_lambda} if mia else {}, **kw)
+                      budget=budget, extra={"rl_weight": rl_weight, "flops_lambda": flops_lambda, "kd_weight": kd_weight, "teacher": teacher} if mia else {}, **kw)
     try:
         if mia:
             from miarobust.train.mia import train_mia

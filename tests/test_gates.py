@@ -6,23 +6,23 @@ import pytest
 import torch
 
 from miarobust.errors import UserError
-from miarobust.models.gates import GateMode, sample_gates
+from miarobust.models.gates import GateMode, log_prob, sample_gates
 
 
 def test_deterministic_thresholds_at_half() -> None:
-    g, _ = sample_gates(torch.tensor([-1.0, -1e-4, 1e-4, 2.0]), GateMode.DETERMINISTIC)
+    g = sample_gates(torch.tensor([-1.0, -1e-4, 1e-4, 2.0]), GateMode.DETERMINISTIC)
     assert g.tolist() == [0.0, 0.0, 1.0, 1.0]
 
 
 def test_full_opens_everything() -> None:
-    g, _ = sample_gates(torch.full((5,), -9.0), GateMode.FULL)
+    g = sample_gates(torch.full((5,), -9.0), GateMode.FULL)
     assert g.tolist() == [1.0] * 5
 
 
 def test_stochastic_frequency_matches_probability() -> None:
     torch.manual_seed(0)
     logits = torch.full((20000,), 0.8473)  # sigmoid = 0.7
-    g, _ = sample_gates(logits, GateMode.STOCHASTIC)
+    g = sample_gates(logits, GateMode.STOCHASTIC)
     assert set(g.unique().tolist()) <= {0.0, 1.0}
     assert g.mean().item() == pytest.approx(0.7, abs=0.01)
 
@@ -44,19 +44,19 @@ def test_stochastic_does_not_depend_on_training_flag() -> None:
 @pytest.mark.parametrize("mode", [GateMode.DETERMINISTIC, GateMode.STOCHASTIC])
 def test_straight_through_gradient_is_sigmoid_derivative(mode: GateMode) -> None:
     logits = torch.tensor([0.3, -0.2], requires_grad=True)
-    g, _ = sample_gates(logits, mode, st=True)
+    g = sample_gates(logits, mode, st=True)
     g.sum().backward()
     p = torch.sigmoid(logits.detach())
     assert torch.allclose(logits.grad, p * (1 - p))
     hard_logits = torch.tensor([0.3, -0.2], requires_grad=True)
-    g2, _ = sample_gates(hard_logits, mode, st=False)
+    g2 = sample_gates(hard_logits, mode, st=False)
     assert not g2.requires_grad
 
 
 def test_gumbel_is_hard_forward_with_gradient() -> None:
     torch.manual_seed(0)
     logits = torch.zeros(1000, requires_grad=True)
-    g, _ = sample_gates(logits, GateMode.GUMBEL, tau=1.0)
+    g = sample_gates(logits, GateMode.GUMBEL, tau=1.0)
     hard = g.detach()
     assert torch.allclose(hard, hard.round(), atol=1e-6)  # straight-through: hard up to float rounding
     assert hard.mean().item() == pytest.approx(0.5, abs=0.05)
@@ -66,7 +66,8 @@ def test_gumbel_is_hard_forward_with_gradient() -> None:
 
 def test_log_prob_is_bernoulli_log_likelihood() -> None:
     logits = torch.tensor([2.0, -1.0])
-    g, logp = sample_gates(logits, GateMode.DETERMINISTIC)
+    g = sample_gates(logits, GateMode.DETERMINISTIC)
+    logp = log_prob(logits, g)
     p = torch.sigmoid(logits)
     expected = torch.where(g > 0.5, p.log(), (1 - p).log())
     assert torch.allclose(logp, expected)

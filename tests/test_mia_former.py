@@ -119,3 +119,52 @@ def test_record_counts_only_heads_and_tokens_of_running_blocks() -> None:
     dims = VitDims.of(mia)
     expected = dims.patch_macs + dims.head_macs + dims.depth * controller_macs(dims)
     assert torch.allclose(mia.last.macs, torch.full((3,), float(expected)))
+
+
+def test_batch_one_sliced_equals_masked_and_leaves_the_input_alone() -> None:
+    _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
+    randomise_controller(mia)
+    one = x[:1].clone()
+    outs = {}
+    for execution in ("masked", "sliced"):
+        mia.execution = execution
+        with torch.no_grad():  # the sliced blocks update the forward's own residual stream in place
+            outs[execution] = mia(one)
+    assert torch.equal(one, x[:1])
+    assert (outs["masked"] - outs["sliced"]).abs().max().item() <= 1e-5
+    assert mia.last.blocks.min() == 0 or mia.last.heads.min() == 0  # something was really dropped
+
+
+def test_sliced_weight_cache_follows_weight_updates() -> None:
+    _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
+    blk = mia.blocks[0]
+    tokens = mia._pos_embed(mia.patch_embed(x[:1]))
+    n = tokens.shape[1]
+    heads = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    with torch.no_grad():
+        before = blk.forward_sliced(tokens, torch.ones(1), heads, torch.ones(1, n))
+        assert len(blk._slices) == 1  # the pattern's sliced weights are cached
+        blk.attn.qkv.weight.mul_(0.5)  # an in-place update (an optimiser step, a reload) must invalidate them
+        after = blk.forward_sliced(tokens, torch.ones(1), heads, torch.ones(1, n))
+        expected = blk.forward_masked(tokens, torch.ones(1), heads, torch.ones(1, n))  # dense, no slices
+    assert not torch.allclose(before, after)
+    assert (after - expected).abs().max().item() <= 1e-5
+    # with autograd through the weights nothing is cached (the slices must carry gradients)
+    blk._slices.clear()
+    blk.forward_sliced(tokens, torch.ones(1), heads, torch.ones(1, n)).sum().backward()
+    assert not blk._slices and blk.attn.qkv.weight.grad is not None
+
+
+def test_sliced_weight_cache_is_bounded() -> None:
+    _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
+    blk = mia.blocks[0]
+    tokens = mia._pos_embed(mia.patch_embed(x[:1]))
+    n = tokens.shape[1]
+    a = blk.attn
+    limit = 2 * sum(p.numel() for p in (a.qkv.weight, a.qkv.bias, a.proj.weight))
+    with torch.no_grad():
+        for pattern in range(1, 15):  # every head pattern but all-on and all-off
+            heads = torch.tensor([[float(pattern >> i & 1) for i in range(4)]])
+            blk.forward_sliced(tokens, torch.ones(1), heads, torch.ones(1, n))
+    assert 0 < sum(t.numel() for v in blk._slices.values() for t in v) <= limit
+    assert len(blk._slices) < 14

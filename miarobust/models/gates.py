@@ -46,30 +46,24 @@ def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     return hard + soft - soft.detach()
 
 
-def sample_gates(
-    logits: torch.Tensor, mode: GateMode, st: bool = False, tau: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gates (same shape as `logits`, values in {0, 1}) and their Bernoulli log-probability per element.
-
-    The log-probability is that of the drawn gate under Bernoulli(sigmoid(logits)): REINFORCE's log pi.
-    """
-    prob = torch.sigmoid(logits)
+def sample_gates(logits: torch.Tensor, mode: GateMode, st: bool = False, tau: float = 1.0) -> torch.Tensor:
+    """Gates of the same shape as `logits`, values in {0, 1} in the forward pass (see the module docstring)."""
     if mode is GateMode.FULL:
-        hard = torch.ones_like(logits)
-    elif mode is GateMode.DETERMINISTIC:
+        return torch.ones_like(logits)
+    if mode is GateMode.DETERMINISTIC:
         hard = (logits > 0).to(logits.dtype)
-    elif mode is GateMode.STOCHASTIC:
+        return straight_through(hard, torch.sigmoid(logits)) if st else hard
+    if mode is GateMode.STOCHASTIC:
+        prob = torch.sigmoid(logits)
         hard = (torch.rand_like(prob) < prob.detach()).to(logits.dtype)
-    else:  # GUMBEL: logistic noise = difference of two Gumbels; hard by threshold, ST through the relaxation
-        u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
-        soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
-        hard = (soft.detach() > 0.5).to(logits.dtype)
-        gates = straight_through(hard, soft)
-        return gates, _log_prob(logits, hard)
-    gates = straight_through(hard, prob) if st and mode is not GateMode.FULL else hard
-    return gates, _log_prob(logits, hard)
+        return straight_through(hard, prob) if st else hard
+    # GUMBEL: logistic noise = difference of two Gumbels; hard by threshold, ST through the relaxation
+    u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
+    return straight_through((soft.detach() > 0.5).to(logits.dtype), soft)
 
 
-def _log_prob(logits: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+def log_prob(logits: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """Elementwise log-probability of the drawn `gates` under Bernoulli(sigmoid(logits)): REINFORCE's log pi."""
     # log sigmoid(l) if open, log sigmoid(-l) if closed; stable for large |l|
-    return torch.nn.functional.logsigmoid(torch.where(hard > 0.5, logits, -logits))
+    return torch.nn.functional.logsigmoid(torch.where(gates.detach() > 0.5, logits, -logits))

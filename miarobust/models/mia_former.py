@@ -32,7 +32,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from miarobust.models.flops import VitDims, mia_macs, static_macs
-from miarobust.models.gates import GateMode, sample_gates, straight_through
+from miarobust.models.gates import GateMode, log_prob, sample_gates, straight_through
 from miarobust.models.vit import ARCHS, create_vit, fmnist_cfg, imagenet_cfg
 
 
@@ -87,11 +87,11 @@ class DecisionHead(nn.Module):
             nn.init.trunc_normal_(lin.weight, std=0.01)
             nn.init.constant_(lin.bias, init_bias)
 
-    def forward(self, x: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, N, D) -> block logits (B,), head logits (B, H), patch-token logits (B, N - num_prefix)."""
+    def forward(self, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
+        """x (B, N, D) -> logits (B, 1 + H + N - num_prefix): the block's, each head's, each patch token's."""
         z = self.norm(x)
         cls = z[:, 0]
-        return self.block(cls).squeeze(-1), self.heads(cls), self.tokens(z[:, num_prefix:]).squeeze(-1)
+        return torch.cat([self.block(cls), self.heads(cls), self.tokens(z[:, num_prefix:]).squeeze(-1)], 1)
 
 
 class MIABlock(Block):
@@ -118,6 +118,37 @@ class MIABlock(Block):
         x = x + update * self.drop_path1(self.ls1(o))
         return x + update * self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
+    def _sliced_weights(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """q/k/v weight and bias and proj weight of the heads `keep` (indices), copied out of the full ones.
+
+        Without autograd through the weights the slices are cached per head pattern (a few per block, at
+        most twice the block's attention weights in memory), keyed on the weights' storage and version
+        counter, so an in-place update, a reload or a move invalidates them.
+        """
+        a = self.attn
+        d = a.qkv.in_features
+        params = [p for p in (a.qkv.weight, a.qkv.bias, a.proj.weight) if p is not None]
+        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        if cacheable:
+            key = (tuple(keep.tolist()), *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+            cache = self.__dict__.setdefault("_slices", {})
+            hit = cache.pop(key, None)
+            if hit is not None:
+                cache[key] = hit  # most recently used last
+                return hit
+        w_qkv = a.qkv.weight.view(3, a.num_heads, a.head_dim, d)[:, keep].reshape(-1, d)
+        b_qkv = a.qkv.bias
+        if b_qkv is not None:
+            b_qkv = b_qkv.view(3, a.num_heads, a.head_dim)[:, keep].reshape(-1)
+        w_proj = a.proj.weight.view(d, a.num_heads, a.head_dim)[:, keep].reshape(d, -1)
+        out = (w_qkv, b_qkv, w_proj)
+        if cacheable:
+            budget = 2 * sum(p.numel() for p in params)
+            cache[key] = out
+            while sum(t.numel() for v in cache.values() for t in v if t is not None) > budget:
+                cache.pop(next(iter(cache)))
+        return out
+
     def _attention(self, h: torch.Tensor, keep: torch.Tensor, key_mask: torch.Tensor | None,
                    head_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of the heads `keep` (indices) only, with q/k/v and proj weights sliced. h (B, M, D).
@@ -130,11 +161,10 @@ class MIABlock(Block):
         if hk == 0:
             bias = a.proj.bias if a.proj.bias is not None else h.new_zeros(d)
             return bias.expand(b, m, d)
-        full = hk == a.num_heads
-        w_qkv = a.qkv.weight if full else a.qkv.weight.view(3, a.num_heads, a.head_dim, d)[:, keep].reshape(-1, d)
-        b_qkv = a.qkv.bias
-        if b_qkv is not None and not full:
-            b_qkv = b_qkv.view(3, a.num_heads, a.head_dim)[:, keep].reshape(-1)
+        if hk == a.num_heads:
+            w_qkv, b_qkv, w_proj = a.qkv.weight, a.qkv.bias, a.proj.weight
+        else:
+            w_qkv, b_qkv, w_proj = self._sliced_weights(keep)
         q, k, v = F.linear(h, w_qkv, b_qkv).reshape(b, m, 3, hk, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = a.q_norm(q), a.k_norm(k)
         if a.fused_attn:
@@ -146,16 +176,42 @@ class MIABlock(Block):
             o = s.softmax(-1) @ v
         if head_mask is not None:
             o = o * head_mask[:, :, None, None].to(o.dtype)
-        w_proj = a.proj.weight if full else a.proj.weight.view(d, a.num_heads, a.head_dim)[:, keep].reshape(d, -1)
         return F.linear(o.transpose(1, 2).reshape(b, m, hk * a.head_dim), w_proj, a.proj.bias)
 
-    def forward_sliced(self, x: torch.Tensor, blk: torch.Tensor, heads: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Forward that computes only what the hard 0/1 gates keep; differentiable in x."""
+    def _run(self, xt: torch.Tensor, keep_head: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """The block on the gathered tokens xt (B, M, D); keep_head: kept head indices (H',) shared by the
+        batch, or per-image head gates (B, H) as bool."""
+        h = self.norm1(xt)
+        if keep_head.dtype is not torch.bool:  # one pattern: slice the weights
+            o = self._attention(h, keep_head, key_mask)
+        elif bool((keep_head == keep_head[:1]).all()):  # one pattern in the batch after all
+            o = self._attention(h, keep_head[0].nonzero().squeeze(1), key_mask)
+        else:  # mixed patterns: all heads in one pass, dropped heads zeroed (per-pattern loops cost more on CPU)
+            o = self._attention(h, torch.arange(self.attn.num_heads, device=h.device), key_mask, keep_head)
+        y = xt + self.ls1(o)
+        return y + self.ls2(self.mlp(self.norm2(y)))
+
+    def forward_sliced(self, x: torch.Tensor, blk: torch.Tensor, heads: torch.Tensor, tokens: torch.Tensor,
+                       inplace: bool = False) -> torch.Tensor:
+        """Forward that computes only what the hard 0/1 gates keep; differentiable in x.
+
+        inplace: at batch 1, write the kept tokens' results into x instead of a copy of it (no autograd).
+        """
         self._check()
+        if x.shape[0] == 1:  # one image (latency-bound): exactly its kept tokens and heads, fewest ops
+            if not bool(blk[0] > 0.5):
+                return x
+            idx = (tokens[0] > 0.5).nonzero().squeeze(1)
+            keep = (heads[0] > 0.5).nonzero().squeeze(1)
+            if len(idx) == x.shape[1]:
+                return self._run(x, keep, None)
+            y = self._run(x.index_select(1, idx), keep, None)
+            return x.index_copy_(1, idx, y) if inplace else x.index_copy(1, idx, y)
         on = blk > 0.5
-        every = bool(on.all())
-        if not every and not bool(on.any()):
+        running = int(on.sum())
+        if running == 0:
             return x
+        every = running == len(on)
         active = None if every else on.nonzero().squeeze(1)
         xa = x if every else x[active]
         keep_tok = (tokens if every else tokens[active]) > 0.5
@@ -164,20 +220,14 @@ class MIABlock(Block):
         counts = keep_tok.sum(1)
         m = int(counts.max())
         if m == n:  # some image keeps every token: no gather (the others' dropped tokens are masked as keys)
-            order, valid, index, xt = None, keep_tok, None, xa
+            valid, index, xt = keep_tok, None, xa
         else:  # kept tokens first, in their original order; the batch's longest set decides the length m
             order = torch.argsort((~keep_tok).to(torch.int8), dim=1, stable=True)[:, :m]
             valid = keep_tok.gather(1, order)
             index = order[..., None].expand(-1, -1, d)
             xt = xa.gather(1, index)
         key_mask = None if bool((counts == m).all()) else valid[:, None, None, :]
-        h = self.norm1(xt)
-        if bool((keep_head == keep_head[:1]).all()):  # one head pattern (always at batch 1): slice the weights
-            o = self._attention(h, keep_head[0].nonzero().squeeze(1), key_mask)
-        else:  # mixed patterns: all heads in one pass, dropped heads zeroed (per-pattern loops cost more on CPU)
-            o = self._attention(h, torch.arange(self.attn.num_heads, device=h.device), key_mask, keep_head)
-        y = xt + self.ls1(o)
-        y = y + self.ls2(self.mlp(self.norm2(y)))
+        y = self._run(xt, keep_head, key_mask)
         if key_mask is not None:  # padding slots hold dropped tokens: leave them unchanged
             y = torch.where(valid[..., None], y, xt)
         ya = y if index is None else xa.scatter(1, index, y)
@@ -236,23 +286,32 @@ class MIAFormer(VisionTransformer):
                                    x.new_full((b,), float(static_macs(dims))))
             return self.norm(x)
         masked = self._masked()
+        inplace = not torch.is_grad_enabled()
+        mode, st, tau = self.gate_mode, self.straight_through, self.tau
         prefix = x.new_ones(b, self.num_prefix_tokens)
-        blocks, heads, tokens, log_prob = [], [], [], x.new_zeros(b)
-        probs: tuple[list[torch.Tensor], ...] = ([], [], [])
+        h, npre = dims.num_heads, self.num_prefix_tokens
+        logits: list[torch.Tensor] = []  # per block (B, 1 + H + patches): block, head and patch-token logits
+        gates: list[torch.Tensor] = []  # the gates drawn from them, same layout
         for blk, head in zip(self.blocks, self.controller):
-            lb, lh, lt = head(x, self.num_prefix_tokens)
-            gb, pb = sample_gates(lb, self.gate_mode, self.straight_through, self.tau)
-            gh, ph = sample_gates(lh, self.gate_mode, self.straight_through, self.tau)
-            gt, pt = sample_gates(lt, self.gate_mode, self.straight_through, self.tau)
-            gt = torch.cat([prefix, gt], 1)
-            log_prob = log_prob + pb + (gb.detach() > 0.5) * (ph.sum(1) + pt.sum(1))
-            x = (blk.forward_masked if masked else blk.forward_sliced)(x, gb, gh, gt)
-            blocks.append(gb), heads.append(gh), tokens.append(gt)
-            for acc, p in zip(probs, (torch.sigmoid(lb), torch.sigmoid(lh), torch.cat([prefix, torch.sigmoid(lt)], 1))):
-                acc.append(p)
-        g_b, g_h, g_t = torch.stack(blocks, 1), torch.stack(heads, 1), torch.stack(tokens, 1)
-        self.last = GateRecord(g_b, g_h, g_t, log_prob, mia_macs(dims, g_b, g_h, g_t),
-                               tuple(torch.stack(p, 1) for p in probs))
+            lg = head(x, npre)
+            if mode in (GateMode.STOCHASTIC, GateMode.GUMBEL):  # draws per kind: block, heads, tokens (fixed stream)
+                g = torch.cat([sample_gates(lg[:, a:z], mode, st, tau) for a, z in ((0, 1), (1, 1 + h), (1 + h, None))], 1)
+            else:
+                g = sample_gates(lg, mode, st, tau)
+            gb, gh, gt = g[:, 0], g[:, 1 : 1 + h], torch.cat([prefix, g[:, 1 + h :]], 1)
+            # x is this forward's own tensor: the sliced blocks may update it in place when nothing is recorded
+            x = blk.forward_masked(x, gb, gh, gt) if masked else blk.forward_sliced(x, gb, gh, gt, inplace)
+            logits.append(lg)
+            gates.append(g)
+        always = prefix[:, None].expand(-1, dims.depth, -1)
+        lg, g = torch.stack(logits, 1), torch.stack(gates, 1)  # (B, L, 1 + H + patches)
+        g_b, g_h, g_t = g[..., 0], g[..., 1 : 1 + h], torch.cat([always, g[..., 1 + h :]], -1)
+        # REINFORCE's log pi: the block decision, and the head and token decisions of the blocks that ran
+        lp = log_prob(lg, g)
+        log_prob_ = (lp[..., 0] + (g_b.detach() > 0.5) * lp[..., 1:].sum(-1)).sum(1)
+        p = torch.sigmoid(lg)
+        probs = (p[..., 0], p[..., 1 : 1 + h], torch.cat([always, p[..., 1 + h :]], -1))
+        self.last = GateRecord(g_b, g_h, g_t, log_prob_, mia_macs(dims, g_b, g_h, g_t), probs)
         return self.norm(x)
 
 

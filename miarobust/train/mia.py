@@ -10,7 +10,10 @@ Per step (Yu et al. 2022 train the controller with a hybrid of SL and RL; the lo
     RL:  -(R - b) * log pi(drawn gates),  R = correct - lambda * MACs ratio   (REINFORCE, Williams 1992)
          with Bernoulli gates drawn from the controller and b a moving-average baseline.
 
-The teacher is the static model the student starts from. The controller learns at 10x the backbone's rate.
+The teacher is a static model: `extra["teacher"]`, else the static checkpoint the student starts from,
+else the shipped one. The student starts from `init`: a static checkpoint (the controller starts with every
+gate open) or an MIA checkpoint of the same model (a further training stage, e.g. with augmentation).
+The controller learns at 10x the backbone's rate.
 Per epoch the log records, on the test set: deterministic accuracy, its MACs ratio (mean, spread and
 percentiles over images), the share of blocks/heads/tokens kept, and stochastic accuracy and ratio.
 """
@@ -30,7 +33,7 @@ from miarobust.train.loop import TrainConfig, fit
 
 log = logging.getLogger(__name__)
 
-KD_WEIGHT = 1.0
+KD_WEIGHT = 1.0  # default of extra["kd_weight"]
 BUDGET_WEIGHT = 20.0
 BASELINE_MOMENTUM = 0.9
 
@@ -63,11 +66,14 @@ def train_mia(cfg: TrainConfig) -> None:
     """Train `cfg.model` (an mia_* model) at MACs budget `cfg.budget` from the static checkpoint `cfg.init`."""
     from miarobust.models import create
     from miarobust.models.flops import VitDims, static_macs
+    from miarobust.models.registry import read_state_dict
 
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     static_name = cfg.model.removeprefix("mia_")
-    teacher_backbone = create(static_name, checkpoint=cfg.init)  # shipped static weights when init is None
+    init_is_mia = cfg.init is not None and any(k.startswith("controller.") for k in read_state_dict(cfg.init))
+    teacher_file = cfg.extra.get("teacher") or (None if init_is_mia else cfg.init)
+    teacher_backbone = create(static_name, checkpoint=teacher_file)  # shipped static weights when None
     init = cfg.init or teacher_backbone.checkpoint
     teacher = Normalized(teacher_backbone).to(device).eval()
     for p in teacher.parameters():
@@ -81,6 +87,7 @@ def train_mia(cfg: TrainConfig) -> None:
     test_set = load_dataset(cfg.data, geometry, cfg.data_root, "test")
     rl_weight = float(cfg.extra.get("rl_weight", 1.0))
     flops_lambda = float(cfg.extra.get("flops_lambda", 1.0))
+    kd_weight = float(cfg.extra.get("kd_weight", KD_WEIGHT))
     baseline = {"b": None}
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -94,7 +101,7 @@ def train_mia(cfg: TrainConfig) -> None:
         kd = F.kl_div(logits.log_softmax(-1), soft, reduction="batchmean")
         # the sampled structure and the deterministic (p > 0.5) one are both held to the budget
         budget = (ratio.mean() - cfg.budget) ** 2 + (det_ratio.mean() - cfg.budget) ** 2
-        loss = ce + KD_WEIGHT * kd + BUDGET_WEIGHT * budget
+        loss = ce + kd_weight * kd + BUDGET_WEIGHT * budget
         metrics = {"loss": loss.item(), "train_acc": (logits.argmax(1) == y).float().mean().item(),
                    "train_ratio": ratio.mean().item(), "train_det_ratio": det_ratio.mean().item()}
         if rl_weight > 0:
