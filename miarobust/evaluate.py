@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from miarobust.attacks import ATTACKS, AttackConfig, AttackInfo, Victim, build_attack, get_attack
 from miarobust.attacks.threat import ThreatModel
 from miarobust.errors import UserError
+from miarobust.models.registry import file_sha256
 from miarobust.results import CONFIG, PARTIAL, SAMPLES, SUMMARY, run_id, write_csv, write_json
 from miarobust.stats import wilson
 
@@ -329,12 +330,15 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1) ->
         if rank == 0:
             try:
                 stack.enter_context(FolderLock(folder))
+                checkpoint = getattr(ev.model.model, "checkpoint", None)
+                weights = file_sha256(checkpoint) if checkpoint else None
+                check_same_weights(folder, weights)
                 if (folder / SUMMARY).is_file() and (folder / SAMPLES).is_file():
                     state = "done"
                 else:
                     write_json(folder / CONFIG, {**asdict(cfg), "environment": environment(),
                                                  "gate_mode": ev.mia.gate_mode.value if ev.mia else None,
-                                                 "checkpoint": getattr(ev.model.model, "checkpoint", None)})
+                                                 "checkpoint": checkpoint, "weights_sha256": weights})
             except Exception as e:  # noqa: BLE001  (raised below, once the other ranks are told)
                 state, message, failure = "failed", str(e), e
         if world > 1:
@@ -372,6 +376,23 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1) ->
         if rank != 0:
             return RunResult(folder, {})
         return RunResult(folder, finish(cfg, ev, folder, time.time() - started))
+
+
+def check_same_weights(folder: Path, weights: str | None) -> None:
+    """Refuse to resume or reuse a run folder made with other weights than `weights` (SHA-256 of the file).
+
+    The folder name hashes the arguments, and `--checkpoint` unset means "the shipped weights", which a new
+    release may replace: without this check a resume would mix, or a rerun reuse, another model's results.
+    """
+    if not (folder / CONFIG).is_file():
+        return
+    try:
+        recorded = json.loads((folder / CONFIG).read_text()).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable config.json is rewritten by this run
+    if recorded is not None and weights is not None and recorded != weights:
+        raise UserError(f"{folder} holds results of other weights (sha256 {recorded[:12]}..., these are "
+                        f"{weights[:12]}...): delete the folder or choose another --out.")
 
 
 def _broadcast(obj: Any) -> Any:

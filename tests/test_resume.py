@@ -181,3 +181,20 @@ def test_killed_process_resumes_byte_identical(cli, tmp_path, sig, long_referenc
     assert (folder / "samples.csv").read_bytes() == long_reference
     assert not (folder / "partial").exists()
     assert len(list(tmp_path.iterdir())) == (2 if sig == signal.SIGKILL else 1)
+
+
+def test_folder_of_other_weights_is_not_reused(cli, tmp_path):
+    from safetensors.torch import save_file
+
+    from miarobust.models import create
+
+    ckpt = tmp_path / "weights.safetensors"
+    save_file(create("vit_fmnist").state_dict(), str(ckpt))
+    args = ["run", *TINY, "--attack", "none", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out")]
+    assert cli(*args).code == 0
+    (folder,) = (tmp_path / "out").iterdir()
+    before = sorted(p.read_bytes() for p in folder.rglob("*") if p.is_file())
+    save_file(create("vit_fmnist", pretrained=False).state_dict(), str(ckpt))  # same path, other weights
+    r = cli(*args)
+    assert r.code == 2 and "other weights" in r.err and "delete the folder or choose another --out" in r.err
+    assert sorted(p.read_bytes() for p in folder.rglob("*") if p.is_file()) == before  # nothing rewritten

@@ -30,6 +30,17 @@ def model_names() -> list[str]:
     return [n for n in STATIC_MODELS + MIA_MODELS if timm.is_model(n)]
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes (checkpoints: which weights a result was computed with)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """A state dict from safetensors or a timm/torch checkpoint, never unpickling code."""
     path = Path(path).expanduser()
