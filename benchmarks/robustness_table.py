@@ -7,13 +7,14 @@ the weights'?) and the static `vit_fmnist` under PGD and (at --aa-n images) Auto
 `miarobust run` (results under --out, resumable); the table is read from the runs' summary.json files.
 
     python benchmarks/robustness_table.py [--n 1000] [--aa-n 100] [--aa-rand-n 30] [--eval-samples 10]
-        [--eps 1/255,2/255,4/255,8/255] [--out results/grid]
+        [--eps 1/255,2/255,4/255,8/255] [--out results/grid] [--rows REGEX] [--only-table]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=10)
     ap.add_argument("--out", default="results/grid")
     ap.add_argument("--only-table", action="store_true", help="read finished runs, run nothing")
+    ap.add_argument("--rows", default=None, help="regular expression: run only the rows whose name matches "
+                    "(e.g. 'AutoAttack|autoattack'), so several processes can share the grid; the table shows them all")
     args = ap.parse_args()
     eps_list = args.eps.split(",")
     table: dict[str, dict[str, str]] = {}
@@ -55,7 +58,7 @@ def main() -> None:
         for name, argv in cells(args.n, args.aa_n, args.aa_rand_n, args.eval_samples):
             cmd = [sys.executable, "-m", "miarobust", "run", *argv, "--eps", eps, "--data", "embedded",
                    "--checks", "off", "--out", args.out]
-            if not args.only_table:
+            if not args.only_table and (args.rows is None or re.search(args.rows, name)):
                 print("$", shlex.join(["miarobust", *cmd[3:]]), flush=True)
                 subprocess.run(cmd, check=True)
             summary = find_summary(Path(args.out), argv, eps)
@@ -73,17 +76,19 @@ def main() -> None:
 
 
 def find_summary(out: Path, argv: list[str], eps: str) -> dict | None:
-    """The summary of the finished run with these arguments (matched on its config.json)."""
+    """The summary of the finished run with these arguments (matched on its config.json and summary.json)."""
     want = dict(zip(argv[::2], argv[1::2]))
     for path in out.glob("*/summary.json"):
         cfg = json.loads((path.parent / "config.json").read_text())
         if cfg["model"] != want["--model"] or cfg["eps_text"] != eps or list(cfg["attacks"]) != [want["--attack"]]:
             continue
-        if cfg["n"] != int(want["--n"]) or (cfg["eot"] or 1) != int(want.get("--eot", 1)):
+        if cfg["n"] != int(want["--n"]) or cfg.get("gate_mode") != want.get("--gate-mode", cfg.get("gate_mode")):
             continue
-        if cfg.get("gate_mode") != want.get("--gate-mode", cfg.get("gate_mode")):
+        summary = json.loads(path.read_text())
+        # EOT cells match on the K the attack used (summary.json), not on the --eot it was given
+        if "--eot" in want and summary["attacks"][want["--attack"]].get("eot") != int(want["--eot"]):
             continue
-        return json.loads(path.read_text())
+        return summary
     return None
 
 
