@@ -205,8 +205,9 @@ class MIABlock(Block):
             keep = (heads[0] > 0.5).nonzero().squeeze(1)
             if len(idx) == x.shape[1]:
                 return self._run(x, keep, None)
-            y = self._run(x.index_select(1, idx), keep, None)
-            return x.index_copy_(1, idx, y) if inplace else x.index_copy(1, idx, y)
+            rows = x[0]  # (N, D): gathering rows of a matrix is the fast path of index_select / index_copy
+            y = self._run(rows.index_select(0, idx)[None], keep, None)[0]
+            return (rows.index_copy_(0, idx, y) if inplace else rows.index_copy(0, idx, y))[None]
         on = blk > 0.5
         running = int(on.sum())
         if running == 0:
