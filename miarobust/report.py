@@ -438,8 +438,15 @@ def _legend_right(ax: Any) -> None:
         ax.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
 
 
+def _attack_series(df: pd.DataFrame) -> pd.Series:
+    """The attack's name, with its EOT K where one attack ran at several K (each K is its own line)."""
+    eot = pd.to_numeric(df["eot"], errors="coerce")
+    several = df.assign(_k=eot).groupby("attack")["_k"].transform("nunique") > 1
+    return df["attack"].where(~several, df["attack"] + " K=" + eot.fillna(1).astype(int).astype(str))
+
+
 def plot_robust_vs_eps(table: pd.DataFrame) -> Any:
-    """Accuracy vs eps, one line per model x gate mode x attack (clean accuracy at eps 0)."""
+    """Accuracy vs eps, one line per model x gate mode x attack (x EOT K where several; clean at eps 0)."""
     panels = sorted({(d, n) for d, n in zip(table["data"], table["norm"])})
     fig, axes = _figure(max(1, len(panels)), size=(10.0, 4.8))
     colors = _series_colors([f"{m} ({g})" for m, g in zip(table["model"], table["gate_mode"])])
@@ -448,19 +455,20 @@ def plot_robust_vs_eps(table: pd.DataFrame) -> Any:
     styles = dict(zip(attacks, ["-", "--", "-.", ":"] * 8))
     for ax, (data, norm) in zip(axes, panels):
         scale, xlabel = _eps_axis(norm)
-        df = table[(table["data"] == data) & (table["norm"] == norm)]
+        df = table[(table["data"] == data) & (table["norm"] == norm)].copy()
+        df["series"] = _attack_series(df)
         # one point per series and eps: the run with the most samples
-        df = df.sort_values("n", kind="stable").drop_duplicates(["model", "gate_mode", "attack", "eps"], keep="last")
-        groups = list(df.groupby(["model", "gate_mode", "attack"]))
+        df = df.sort_values("n", kind="stable").drop_duplicates(["model", "gate_mode", "series", "eps"], keep="last")
+        groups = list(df.groupby(["model", "gate_mode", "series", "attack"]))
         width = 0.012 * float(df["eps"].max() * scale)
-        for i, ((model, gate, attack), g) in enumerate(groups):
+        for i, ((model, gate, series, attack), g) in enumerate(groups):
             g = g.sort_values("eps")
             best_clean = g.loc[g["n"].idxmax()]
             xs = [x + _dodge(i, len(groups), width) for x in [0.0, *(g["eps"] * scale)]]
             acc = [best_clean["clean_acc"], *g["robust_acc"]]
             yerr = _yerr(acc, [best_clean["clean_ci_lo"], *g["ci_lo"]], [best_clean["clean_ci_hi"], *g["ci_hi"]])
             ax.errorbar(xs, [100 * a for a in acc], yerr=yerr, color=colors[f"{model} ({gate})"], marker=markers[attack],
-                        ls=styles[attack], capsize=3, ms=5, label=f"{model} ({gate}), {attack}")
+                        ls=styles[attack], capsize=3, ms=5, label=f"{model} ({gate}), {series}")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy (%), 95% interval")
         ax.set_ylim(-3, 103)

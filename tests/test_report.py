@@ -164,3 +164,20 @@ def test_tidy_without_params_and_robustbench_picks_the_lowest(runs_root):
     entries = robustbench_entries(table)
     for entry in entries.values():
         assert math.isfinite(float(entry["autoattack_acc"])) and entry["dataset"] == "embedded"
+
+
+def test_eps_plot_draws_each_eot_k_as_its_own_line() -> None:
+    from miarobust.report import plot_robust_vs_eps
+
+    rows = []
+    for k in (1, 4):
+        for eps in (2 / 255, 8 / 255):
+            acc = 0.5 - 0.1 * k * eps * 255 / 8
+            rows.append(dict(data="embedded", model="mia_vit_fmnist", gate_mode="stochastic", norm="Linf", eps=eps,
+                             attack="eot-pgd", eot=k, n=100, robust_acc=acc, ci_lo=acc - 0.05, ci_hi=acc + 0.05,
+                             clean_acc=0.9, clean_ci_lo=0.85, clean_ci_hi=0.95))
+    rows.append({**rows[0], "attack": "pgd", "eot": 1})
+    fig = plot_robust_vs_eps(pd.DataFrame(rows))
+    labels = sorted(label for ax in fig.axes for label in ax.get_legend_handles_labels()[1])
+    assert labels == ["mia_vit_fmnist (stochastic), eot-pgd K=1", "mia_vit_fmnist (stochastic), eot-pgd K=4",
+                      "mia_vit_fmnist (stochastic), pgd"]
