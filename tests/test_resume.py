@@ -120,8 +120,11 @@ LONG = ["--model", "vit_fmnist", "--n", "96", "--batch-size", "4", "--steps", "3
 
 
 def start(out: Path) -> subprocess.Popen:
+    # SIGINT back to its default in the child: a CI runner that starts the tests in the background has it
+    # ignored, which Python would inherit (no KeyboardInterrupt), and the SIGINT case would test nothing
     return subprocess.Popen([sys.executable, "-m", "miarobust", "run", *LONG, "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_batch(proc: subprocess.Popen, out: Path, timeout: float = 120) -> None:
