@@ -45,6 +45,7 @@ class RegressConfig:
     tolerance: float | None = None
     out: str | None = None
     device: str | None = None
+    jobs: int = 1  # re-runs in this many worker processes, the CPU threads split between them
 
 
 def run_config(config: dict[str, Any], folder_name: str | None = None) -> Any:
@@ -78,14 +79,45 @@ def run_config(config: dict[str, Any], folder_name: str | None = None) -> Any:
 
 def rerun(base: Run, out: Path, device: str | None = None) -> Run:
     """Run the baseline's config again into `out` (a complete run already there is reused)."""
+    return load_run(Path(_rerun_folder(base.config, base.name, str(out), device)))
+
+
+def _rerun_folder(config: dict[str, Any], name: str, out: str, device: str | None, threads: int | None = None) -> str:
+    """The folder of the re-run of one baseline config (module level: a worker process runs it)."""
+    import torch
+
     from miarobust.evaluate import run
 
-    cfg = dataclasses.replace(run_config(base.config, base.name), out=str(out))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cfg = dataclasses.replace(run_config(config, name), out=out)
     if device is not None:
         cfg = dataclasses.replace(cfg, device=device)
-    log.info("re-running %s", base.name)
-    result = run(cfg, progress=False)
-    return load_run(result.folder)
+    log.info("re-running %s", name)
+    return str(run(cfg, progress=False).folder)
+
+
+def rerun_all(runs: list[Run], out: Path, device: str | None = None, jobs: int = 1) -> list[Run]:
+    """The re-runs of `runs`, in their order; with jobs > 1 in that many worker processes, longest first.
+
+    The baseline's small CPU runs are bound by per-operation overhead, not arithmetic, so two processes of
+    one thread each finish about twice as fast as one process of two threads. Results do not depend on it:
+    every batch is seeded on its own (see evaluate.py).
+    """
+    if jobs <= 1 or len(runs) <= 1:
+        return [rerun(b, out, device) for b in runs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    # the longest (recorded wall time) first, so the last to finish is a short one
+    order = sorted(range(len(runs)), key=lambda i: -float(runs[i].summary.get("wall_seconds") or 0.0))
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process whose thread pools are running
+    with ProcessPoolExecutor(max_workers=min(jobs, len(runs)), mp_context=ctx) as pool:
+        futures = {i: pool.submit(_rerun_folder, runs[i].config, runs[i].name, str(out), device, threads) for i in order}
+        return [load_run(Path(futures[i].result())) for i in range(len(runs))]
 
 
 def index_runs(root: Path) -> dict[str, Path]:
@@ -146,6 +178,8 @@ def regress(cfg: RegressConfig) -> pd.DataFrame:
         raise UserError(f"--level {cfg.level} must be between 0 and 1, e.g. 0.01.")
     if cfg.tolerance is not None and not 0 <= cfg.tolerance < 1:
         raise UserError(f"--tolerance {cfg.tolerance} is an accuracy drop in [0, 1), e.g. 0.02.")
+    if cfg.jobs < 1:
+        raise UserError(f"--jobs {cfg.jobs} must be at least 1, e.g. 2 on a 2-core CPU.")
     baseline = Path(cfg.baseline)
     runs, skipped = load_runs(baseline)
     if skipped:
@@ -174,9 +208,11 @@ def regress(cfg: RegressConfig) -> pd.DataFrame:
         out = Path(cfg.out).resolve()
         if out == baseline.resolve() or baseline.resolve() in out.parents:
             raise UserError(f"--out {cfg.out} is inside the baseline: re-runs there would just read the baseline back.")
-        return _table([row for b in runs for row in compare(b, rerun(b, out, cfg.device), cfg.level, cfg.tolerance)])
+        news = rerun_all(runs, out, cfg.device, cfg.jobs)
+        return _table([row for b, n in zip(runs, news) for row in compare(b, n, cfg.level, cfg.tolerance)])
     with tempfile.TemporaryDirectory(prefix="miarobust-regress-") as tmp:
-        rows = [row for b in runs for row in compare(b, rerun(b, Path(tmp), cfg.device), cfg.level, cfg.tolerance)]
+        news = rerun_all(runs, Path(tmp), cfg.device, cfg.jobs)
+        rows = [row for b, n in zip(runs, news) for row in compare(b, n, cfg.level, cfg.tolerance)]
     return _table(rows)
 
 

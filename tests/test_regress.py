@@ -102,6 +102,24 @@ def test_read_runs_equal_to_the_baseline_pass(cli, baseline, tmp_path):
     assert (rows(r.out)["status"] == "ok").all() and "paired" in r.out
 
 
+def test_parallel_reruns_give_the_same_table(cli, baseline, tmp_path):
+    """--jobs 2 re-runs in two worker processes: same table as one process, and a worse model still fails."""
+    from miarobust.evaluate import RunConfig, run
+
+    base, ckpt = baseline
+    run(RunConfig(model="vit_fmnist", checkpoint=str(ckpt), attacks=("fgsm",), n=N, batch_size=N, eps=2 / 255,
+                  checks="off", out=str(base)), progress=False)  # a second baseline run, so both workers get one
+    serial = cli("regress", "--baseline", str(base), "--out", str(tmp_path / "serial"))
+    parallel = cli("regress", "--baseline", str(base), "--jobs", "2", "--out", str(tmp_path / "parallel"))
+    assert serial.code == parallel.code == 0, parallel.err
+    assert parallel.out == serial.out and "all 4 comparisons hold" in parallel.out
+    for folder in (tmp_path / "serial").iterdir():
+        assert (folder / "samples.csv").read_bytes() == (tmp_path / "parallel" / folder.name / "samples.csv").read_bytes()
+    fitted_checkpoint(ckpt, worse=True)
+    worse = cli("regress", "--baseline", str(base), "--jobs", "2")
+    assert worse.code == 1 and "REGRESSED" in worse.out
+
+
 def test_noise_is_not_a_regression():
     base = pd.DataFrame({"index": range(40), "c": [1] * 30 + [0] * 10})
     one_lost = base.assign(c=[0] + [1] * 29 + [0] * 10)
@@ -122,13 +140,14 @@ def test_run_config_reproduces_the_folder_name(baseline):
     assert cfg.folder_name() == folder.name
 
 
-@pytest.mark.parametrize("case", ["missing-baseline", "empty-baseline", "runs-lack-a-run", "bad-level"])
+@pytest.mark.parametrize("case", ["missing-baseline", "empty-baseline", "runs-lack-a-run", "bad-level", "bad-jobs"])
 def test_bad_input_exits_2(cli, baseline, tmp_path, case):
     base, _ = baseline
     args = {"missing-baseline": ["--baseline", str(tmp_path / "nope")],
             "empty-baseline": ["--baseline", str((tmp_path / "empty").resolve())],
             "runs-lack-a-run": ["--baseline", str(base), "--runs", str(tmp_path / "empty")],
-            "bad-level": ["--baseline", str(base), "--level", "1.5"]}[case]
+            "bad-level": ["--baseline", str(base), "--level", "1.5"],
+            "bad-jobs": ["--baseline", str(base), "--jobs", "0"]}[case]
     (tmp_path / "empty").mkdir()
     r = cli("regress", *args)
     assert r.code == 2, (r.out, r.err)
