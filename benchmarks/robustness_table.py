@@ -50,7 +50,8 @@ def main() -> None:
     ap.add_argument("--out", default="results/grid")
     ap.add_argument("--only-table", action="store_true", help="read finished runs, run nothing")
     ap.add_argument("--rows", default=None, help="regular expression: run only the rows whose name matches "
-                    "(e.g. 'AutoAttack|autoattack'), so several processes can share the grid; the table shows them all")
+                    "(re.search: e.g. 'AutoAttack|autoattack'; 'K=1' also matches 'K=16', so write 'K=1$'), so several "
+                    "processes can share the grid; the table shows them all")
     args = ap.parse_args()
     eps_list = args.eps.split(",")
     table: dict[str, dict[str, str]] = {}
