@@ -268,7 +268,7 @@ def report_cmd(path: str, out: str | None, pdf: bool, robustbench: bool) -> None
 @click.option("--out", default=None, help="Keep re-runs in this folder (default: a temporary folder).")
 @click.option("--device", default=None, help="Device for re-runs (default: the recorded one).")
 @click.option("--jobs", type=int, default=1, show_default=True,
-              help="Re-run in this many processes, the CPU threads split between them (2 on a 2-core CPU: ~2x faster).")
+              help="Re-run in this many processes, the CPU threads split between them (2 on a 2-core CPU: ~1.6x faster).")
 def regress_cmd(baseline: str, runs: str | None, level: float, tolerance: float | None, out: str | None,
                 device: str | None, jobs: int) -> None:
     """Compare clean and robust accuracy with a baseline; exit 1 when a drop is beyond the noise."""

@@ -77,13 +77,11 @@ def run_config(config: dict[str, Any], folder_name: str | None = None) -> Any:
     return recorded
 
 
-def rerun(base: Run, out: Path, device: str | None = None) -> Run:
-    """Run the baseline's config again into `out` (a complete run already there is reused)."""
-    return load_run(Path(_rerun_folder(base.config, base.name, str(out), device)))
-
-
 def _rerun_folder(config: dict[str, Any], name: str, out: str, device: str | None, threads: int | None = None) -> str:
-    """The folder of the re-run of one baseline config (module level: a worker process runs it)."""
+    """Run one baseline config again into `out` (a complete run already there is reused); its folder.
+
+    Module level and plain arguments: a worker process of `rerun_all` runs it.
+    """
     import torch
 
     from miarobust.evaluate import run
@@ -101,11 +99,11 @@ def rerun_all(runs: list[Run], out: Path, device: str | None = None, jobs: int =
     """The re-runs of `runs`, in their order; with jobs > 1 in that many worker processes, longest first.
 
     The baseline's small CPU runs are bound by per-operation overhead, not arithmetic, so two processes of
-    one thread each finish about twice as fast as one process of two threads. Results do not depend on it:
-    every batch is seeded on its own (see evaluate.py).
+    one thread each finish sooner than one process of two threads (the committed baseline on 2 cores:
+    220 s against 356 s). Results do not depend on it: every batch is seeded on its own (see evaluate.py).
     """
     if jobs <= 1 or len(runs) <= 1:
-        return [rerun(b, out, device) for b in runs]
+        return [load_run(Path(_rerun_folder(b.config, b.name, str(out), device))) for b in runs]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -203,17 +201,19 @@ def regress(cfg: RegressConfig) -> pd.DataFrame:
                 pairs.append((r, load_run(found[r.name])))
             except RunSkipped as e:
                 raise UserError(f"{found[r.name]} cannot be compared: {e}.") from None
-        return _table([row for b, n in pairs for row in compare(b, n, cfg.level, cfg.tolerance)])
+        return _compare_all(pairs, cfg)
     if cfg.out is not None:
         out = Path(cfg.out).resolve()
         if out == baseline.resolve() or baseline.resolve() in out.parents:
             raise UserError(f"--out {cfg.out} is inside the baseline: re-runs there would just read the baseline back.")
-        news = rerun_all(runs, out, cfg.device, cfg.jobs)
-        return _table([row for b, n in zip(runs, news) for row in compare(b, n, cfg.level, cfg.tolerance)])
+        return _compare_all(list(zip(runs, rerun_all(runs, out, cfg.device, cfg.jobs))), cfg)
     with tempfile.TemporaryDirectory(prefix="miarobust-regress-") as tmp:
-        news = rerun_all(runs, Path(tmp), cfg.device, cfg.jobs)
-        rows = [row for b, n in zip(runs, news) for row in compare(b, n, cfg.level, cfg.tolerance)]
-    return _table(rows)
+        return _compare_all(list(zip(runs, rerun_all(runs, Path(tmp), cfg.device, cfg.jobs))), cfg)
+
+
+def _compare_all(pairs: list[tuple[Run, Run]], cfg: RegressConfig) -> pd.DataFrame:
+    """The comparison table of (baseline run, new run) pairs."""
+    return _table([row for b, n in pairs for row in compare(b, n, cfg.level, cfg.tolerance)])
 
 
 def _table(rows: list[dict[str, Any]]) -> pd.DataFrame:
