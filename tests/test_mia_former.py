@@ -168,3 +168,57 @@ def test_sliced_weight_cache_is_bounded() -> None:
             blk.forward_sliced(tokens, torch.ones(1), heads, torch.ones(1, n))
     assert 0 < sum(t.numel() for v in blk._slices.values() for t in v) <= limit
     assert len(blk._slices) < 14
+
+
+@pytest.mark.parametrize("mode", ["deterministic", "stochastic"])
+def test_batch_one_fast_path_matches_the_batched_path(mode: str) -> None:
+    """Inference at batch 1 reads decisions out as Python values; with autograd on, the same image takes
+    the batched code path. Same seed: same gates, output, MACs and log-probability."""
+    _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
+    randomise_controller(mia)
+    mia.set_gate_mode(mode).execution = "sliced"
+    runs = {}
+    for grad in (False, True):
+        torch.manual_seed(7)
+        with torch.set_grad_enabled(grad):
+            ys, recs = [], []
+            for i in range(3):
+                ys.append(mia(x[i : i + 1]).detach())
+                recs.append(mia.last)
+        runs[grad] = ys, recs
+    for (y0, r0), (y1, r1) in zip(zip(*runs[False]), zip(*runs[True])):
+        assert (y0 - y1).abs().max().item() <= 1e-5
+        for field in ("blocks", "heads", "tokens", "macs"):
+            assert torch.equal(getattr(r0, field), getattr(r1, field).detach())
+        assert torch.allclose(r0.log_prob, r1.log_prob.detach(), atol=1e-5)
+    blocks = torch.cat([r.blocks for r in runs[False][1]])
+    assert blocks.min() == 0 or torch.cat([r.heads for r in runs[False][1]]).min() == 0
+
+
+def test_decision_head_cache_follows_weight_updates() -> None:
+    _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
+    head = mia.controller[0]
+    tokens = mia._pos_embed(mia.patch_embed(x))
+    with torch.no_grad():
+        before = head(tokens, 1)
+        head.heads.bias.add_(1.0)  # in place: the stacked block/head weights must be rebuilt
+        after = head(tokens, 1)
+    assert torch.allclose(after[:, 1:5], before[:, 1:5] + 1.0, atol=1e-5)
+    assert torch.equal(after[:, 5:], before[:, 5:])
+    # with autograd through the controller (training) its gradients reach every decision weight
+    head(tokens, 1).sum().backward()
+    assert all(p.grad is not None for p in (head.block.weight, head.heads.weight, head.tokens.weight))
+
+
+def test_full_mode_record() -> None:
+    _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
+    mia.set_gate_mode("full")
+    with torch.no_grad():
+        mia(x)
+    from miarobust.models.flops import VitDims, static_macs
+
+    rec = mia.last
+    dims = VitDims.of(mia)
+    assert rec.probs is None and torch.equal(rec.log_prob, torch.zeros(3))
+    assert torch.equal(rec.macs, torch.full((3,), float(static_macs(dims))))
+    assert rec.tokens.shape == (3, dims.depth, dims.tokens) and rec.tokens.min() == 1

@@ -22,7 +22,7 @@ Execution, chosen per forward:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -36,9 +36,12 @@ from miarobust.models.gates import GateMode, log_prob, sample_gates, straight_th
 from miarobust.models.vit import ARCHS, create_vit, fmnist_cfg, imagenet_cfg
 
 
-@dataclass
 class GateRecord:
     """The decisions of one forward pass, per image. Values may carry straight-through gradients.
+
+    Holds the per-block gates and the logits they were drawn from, (B, L, 1 + H + patches) each: the
+    block's, each head's and each patch token's. The fields below are derived when first read, so a
+    forward whose caller reads none of them (latency-bound inference) does not pay for them.
 
     blocks: (B, L); heads: (B, L, H); tokens: (B, L, N) with prefix tokens always 1;
     log_prob: (B,) log-probability of the drawn decisions that mattered (REINFORCE's log pi);
@@ -46,12 +49,49 @@ class GateRecord:
     probs: (blocks, heads, tokens) probabilities sigmoid(logit) of the same shapes, or None (full mode).
     """
 
-    blocks: torch.Tensor
-    heads: torch.Tensor
-    tokens: torch.Tensor
-    log_prob: torch.Tensor
-    macs: torch.Tensor
-    probs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    def __init__(self, dims: VitDims, num_prefix: int, gates: torch.Tensor, logits: torch.Tensor | None):
+        """logits None: the full mode (every gate open, no controller run: the static model's MACs)."""
+        self.dims, self.num_prefix, self.gates, self.logits = dims, num_prefix, gates, logits
+
+    def _split(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.dims.num_heads
+        patches = t[..., 1 + h :]
+        prefix = patches.new_ones(*patches.shape[:-1], self.num_prefix)
+        return t[..., 0], t[..., 1 : 1 + h], torch.cat([prefix, patches], -1)
+
+    @cached_property
+    def _gates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._split(self.gates)
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        return self._gates[0]
+
+    @property
+    def heads(self) -> torch.Tensor:
+        return self._gates[1]
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self._gates[2]
+
+    @cached_property
+    def log_prob(self) -> torch.Tensor:
+        if self.logits is None:
+            return self.gates.new_zeros(self.gates.shape[0])
+        # the block decision, and the head and token decisions of the blocks that ran
+        lp = log_prob(self.logits, self.gates)
+        return (lp[..., 0] + (self.blocks.detach() > 0.5) * lp[..., 1:].sum(-1)).sum(1)
+
+    @cached_property
+    def macs(self) -> torch.Tensor:
+        if self.logits is None:
+            return self.gates.new_full(self.gates.shape[:1], float(static_macs(self.dims)))
+        return mia_macs(self.dims, self.blocks, self.heads, self.tokens)
+
+    @cached_property
+    def probs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        return None if self.logits is None else self._split(torch.sigmoid(self.logits))
 
     def threshold_macs(self, dims: VitDims) -> torch.Tensor:
         """(B,) MACs of the deterministic (p > 0.5) decisions along this forward's path, with sigmoid
@@ -68,6 +108,14 @@ class GateRecord:
             "heads": (self.heads.detach().mean(-1) * on).sum(1) / runs,
             "tokens": (self.tokens.detach().mean(-1) * on).sum(1) / runs,
         }
+
+
+def _cache_key(params: list[torch.Tensor]) -> tuple | None:
+    """A key for tensors derived from `params` (storage, version counter, dtype, device: an in-place
+    update, a reload or a move changes it), or None where autograd may flow into them (no caching)."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return None
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
 
 
 class DecisionHead(nn.Module):
@@ -90,8 +138,22 @@ class DecisionHead(nn.Module):
     def forward(self, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
         """x (B, N, D) -> logits (B, 1 + H + N - num_prefix): the block's, each head's, each patch token's."""
         z = self.norm(x)
-        cls = z[:, 0]
-        return torch.cat([self.block(cls), self.heads(cls), self.tokens(z[:, num_prefix:]).squeeze(-1)], 1)
+        w, b = self._cls_weights()  # the block and head decisions in one matmul on the CLS token
+        return torch.cat([F.linear(z[:, 0], w, b), F.linear(z[:, num_prefix:], self.tokens.weight,
+                                                           self.tokens.bias).squeeze(-1)], 1)
+
+    def _cls_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block and head decision weights stacked (1 + H, D) and their biases; cached like
+        MIABlock's head slices when no gradient reaches them."""
+        params = [self.block.weight, self.block.bias, self.heads.weight, self.heads.bias]
+        key = _cache_key(params)
+        hit = self.__dict__.get("_cls")
+        if key is not None and hit is not None and hit[0] == key:
+            return hit[1]
+        out = torch.cat(params[0::2]), torch.cat(params[1::2])
+        if key is not None:
+            self.__dict__["_cls"] = (key, out)
+        return out
 
 
 class MIABlock(Block):
@@ -118,7 +180,7 @@ class MIABlock(Block):
         x = x + update * self.drop_path1(self.ls1(o))
         return x + update * self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
-    def _sliced_weights(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def _sliced_weights(self, keep: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """q/k/v weight and bias and proj weight of the heads `keep` (indices), copied out of the full ones.
 
         Without autograd through the weights the slices are cached per head pattern (a few per block, at
@@ -128,9 +190,9 @@ class MIABlock(Block):
         a = self.attn
         d = a.qkv.in_features
         params = [p for p in (a.qkv.weight, a.qkv.bias, a.proj.weight) if p is not None]
-        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-        if cacheable:
-            key = (tuple(keep.tolist()), *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+        weights = _cache_key(params)
+        if weights is not None:
+            key = (tuple(keep), weights)
             cache = self.__dict__.setdefault("_slices", {})
             hit = cache.pop(key, None)
             if hit is not None:
@@ -142,14 +204,14 @@ class MIABlock(Block):
             b_qkv = b_qkv.view(3, a.num_heads, a.head_dim)[:, keep].reshape(-1)
         w_proj = a.proj.weight.view(d, a.num_heads, a.head_dim)[:, keep].reshape(d, -1)
         out = (w_qkv, b_qkv, w_proj)
-        if cacheable:
+        if weights is not None:
             budget = 2 * sum(p.numel() for p in params)
             cache[key] = out
             while sum(t.numel() for v in cache.values() for t in v if t is not None) > budget:
                 cache.pop(next(iter(cache)))
         return out
 
-    def _attention(self, h: torch.Tensor, keep: torch.Tensor, key_mask: torch.Tensor | None,
+    def _attention(self, h: torch.Tensor, keep: list[int], key_mask: torch.Tensor | None,
                    head_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of the heads `keep` (indices) only, with q/k/v and proj weights sliced. h (B, M, D).
 
@@ -157,7 +219,7 @@ class MIABlock(Block):
         """
         a = self.attn
         b, m, d = h.shape
-        hk = keep.numel()
+        hk = len(keep)
         if hk == 0:
             bias = a.proj.bias if a.proj.bias is not None else h.new_zeros(d)
             return bias.expand(b, m, d)
@@ -178,36 +240,39 @@ class MIABlock(Block):
             o = o * head_mask[:, :, None, None].to(o.dtype)
         return F.linear(o.transpose(1, 2).reshape(b, m, hk * a.head_dim), w_proj, a.proj.bias)
 
-    def _run(self, xt: torch.Tensor, keep_head: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """The block on the gathered tokens xt (B, M, D); keep_head: kept head indices (H',) shared by the
+    def _run(self, xt: torch.Tensor, keep_head: list[int] | torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """The block on the gathered tokens xt (B, M, D); keep_head: kept head indices shared by the
         batch, or per-image head gates (B, H) as bool."""
         h = self.norm1(xt)
-        if keep_head.dtype is not torch.bool:  # one pattern: slice the weights
+        if isinstance(keep_head, list):  # one pattern: slice the weights
             o = self._attention(h, keep_head, key_mask)
         elif bool((keep_head == keep_head[:1]).all()):  # one pattern in the batch after all
-            o = self._attention(h, keep_head[0].nonzero().squeeze(1), key_mask)
+            o = self._attention(h, keep_head[0].nonzero().squeeze(1).tolist(), key_mask)
         else:  # mixed patterns: all heads in one pass, dropped heads zeroed (per-pattern loops cost more on CPU)
-            o = self._attention(h, torch.arange(self.attn.num_heads, device=h.device), key_mask, keep_head)
+            o = self._attention(h, list(range(self.attn.num_heads)), key_mask, keep_head)
         y = xt + self.ls1(o)
         return y + self.ls2(self.mlp(self.norm2(y)))
 
-    def forward_sliced(self, x: torch.Tensor, blk: torch.Tensor, heads: torch.Tensor, tokens: torch.Tensor,
-                       inplace: bool = False) -> torch.Tensor:
-        """Forward that computes only what the hard 0/1 gates keep; differentiable in x.
-
-        inplace: at batch 1, write the kept tokens' results into x instead of a copy of it (no autograd).
-        """
+    def forward_one(self, x: torch.Tensor, heads: list[int], tokens: list[int], inplace: bool = False) -> torch.Tensor:
+        """One image x (1, N, D) through the kept heads and tokens only (indices, prefix tokens included):
+        the fewest operations, for latency-bound inference. Differentiable in x unless `inplace`, which
+        writes the kept tokens' results into x itself (no autograd)."""
         self._check()
-        if x.shape[0] == 1:  # one image (latency-bound): exactly its kept tokens and heads, fewest ops
+        if len(tokens) == x.shape[1]:
+            return self._run(x, heads, None)
+        rows = x[0]  # (N, D): gathering rows of a matrix is the fast path of index_select / index_copy
+        idx = torch.tensor(tokens, device=x.device)
+        y = self._run(rows.index_select(0, idx)[None], heads, None)[0]
+        return (rows.index_copy_(0, idx, y) if inplace else rows.index_copy(0, idx, y))[None]
+
+    def forward_sliced(self, x: torch.Tensor, blk: torch.Tensor, heads: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Forward that computes only what the hard 0/1 gates keep; differentiable in x."""
+        self._check()
+        if x.shape[0] == 1:  # one image (latency-bound): exactly its kept tokens and heads
             if not bool(blk[0] > 0.5):
                 return x
-            idx = (tokens[0] > 0.5).nonzero().squeeze(1)
-            keep = (heads[0] > 0.5).nonzero().squeeze(1)
-            if len(idx) == x.shape[1]:
-                return self._run(x, keep, None)
-            rows = x[0]  # (N, D): gathering rows of a matrix is the fast path of index_select / index_copy
-            y = self._run(rows.index_select(0, idx)[None], keep, None)[0]
-            return (rows.index_copy_(0, idx, y) if inplace else rows.index_copy(0, idx, y))[None]
+            kept = [(g[0] > 0.5).nonzero().squeeze(1).tolist() for g in (heads, tokens)]
+            return self.forward_one(x, *kept)
         on = blk > 0.5
         running = int(on.sum())
         if running == 0:
@@ -281,39 +346,60 @@ class MIAFormer(VisionTransformer):
         dims = self.dims
         if self.gate_mode is GateMode.FULL:
             x = self.blocks(x)
-            ones = x.new_ones
-            self.last = GateRecord(ones(b, dims.depth), ones(b, dims.depth, dims.num_heads),
-                                   ones(b, dims.depth, dims.tokens), x.new_zeros(b),
-                                   x.new_full((b,), float(static_macs(dims))))
+            self.last = GateRecord(dims, self.num_prefix_tokens, x.new_ones(b, dims.depth, 1 + dims.num_heads
+                                                                            + dims.num_patches), None)
             return self.norm(x)
         masked = self._masked()
-        inplace = not torch.is_grad_enabled()
-        mode, st, tau = self.gate_mode, self.straight_through, self.tau
-        prefix = x.new_ones(b, self.num_prefix_tokens)
+        if b == 1 and not masked and not torch.is_grad_enabled():
+            return self.norm(self._forward_one(x, dims))
         h, npre = dims.num_heads, self.num_prefix_tokens
+        prefix = x.new_ones(b, npre)
         logits: list[torch.Tensor] = []  # per block (B, 1 + H + patches): block, head and patch-token logits
         gates: list[torch.Tensor] = []  # the gates drawn from them, same layout
         for blk, head in zip(self.blocks, self.controller):
             lg = head(x, npre)
-            if mode in (GateMode.STOCHASTIC, GateMode.GUMBEL):  # draws per kind: block, heads, tokens (fixed stream)
-                g = torch.cat([sample_gates(lg[:, a:z], mode, st, tau) for a, z in ((0, 1), (1, 1 + h), (1 + h, None))], 1)
-            else:
-                g = sample_gates(lg, mode, st, tau)
+            g = self._draw(lg, h)
             gb, gh, gt = g[:, 0], g[:, 1 : 1 + h], torch.cat([prefix, g[:, 1 + h :]], 1)
-            # x is this forward's own tensor: the sliced blocks may update it in place when nothing is recorded
-            x = blk.forward_masked(x, gb, gh, gt) if masked else blk.forward_sliced(x, gb, gh, gt, inplace)
+            x = blk.forward_masked(x, gb, gh, gt) if masked else blk.forward_sliced(x, gb, gh, gt)
             logits.append(lg)
             gates.append(g)
-        always = prefix[:, None].expand(-1, dims.depth, -1)
-        lg, g = torch.stack(logits, 1), torch.stack(gates, 1)  # (B, L, 1 + H + patches)
-        g_b, g_h, g_t = g[..., 0], g[..., 1 : 1 + h], torch.cat([always, g[..., 1 + h :]], -1)
-        # REINFORCE's log pi: the block decision, and the head and token decisions of the blocks that ran
-        lp = log_prob(lg, g)
-        log_prob_ = (lp[..., 0] + (g_b.detach() > 0.5) * lp[..., 1:].sum(-1)).sum(1)
-        p = torch.sigmoid(lg)
-        probs = (p[..., 0], p[..., 1 : 1 + h], torch.cat([always, p[..., 1 + h :]], -1))
-        self.last = GateRecord(g_b, g_h, g_t, log_prob_, mia_macs(dims, g_b, g_h, g_t), probs)
+        self.last = GateRecord(dims, npre, torch.stack(gates, 1), torch.stack(logits, 1))
         return self.norm(x)
+
+    def _draw(self, lg: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """Gates from one block's logits (B, 1 + H + patches), by the gate mode."""
+        mode, st, tau = self.gate_mode, self.straight_through, self.tau
+        if mode in (GateMode.STOCHASTIC, GateMode.GUMBEL):  # draws per kind: block, heads, tokens (fixed stream)
+            parts = ((0, 1), (1, 1 + num_heads), (1 + num_heads, None))
+            return torch.cat([sample_gates(lg[:, a:z], mode, st, tau) for a, z in parts], 1)
+        return sample_gates(lg, mode, st, tau)
+
+    def _forward_one(self, x: torch.Tensor, dims: VitDims) -> torch.Tensor:
+        """The sliced blocks for one image with no autograd: each block's decisions are read out once as
+        Python values, so a block costs its kept work and its decision head, not a batch's tensor
+        bookkeeping (at batch 1 time is per operation). Same gates, same RNG stream as the batched path.
+        x is this forward's own tensor: the kept tokens' results are written into it in place."""
+        h, npre = dims.num_heads, self.num_prefix_tokens
+        deterministic = self.gate_mode is GateMode.DETERMINISTIC
+        logits: list[torch.Tensor] = []
+        gates: list[torch.Tensor] = []
+        prefix = list(range(npre))
+        for blk, head in zip(self.blocks, self.controller):
+            lg = head(x, npre)
+            logits.append(lg)
+            if deterministic:  # open where the logit is > 0 (gates drawn once, after the loop)
+                values, cut = lg[0].tolist(), 0.0
+            else:
+                gates.append(self._draw(lg, h))
+                values, cut = gates[-1][0].tolist(), 0.5
+            if values[0] > cut:
+                heads = [i for i in range(h) if values[1 + i] > cut]
+                tokens = prefix + [npre + i for i, v in enumerate(values[1 + h :]) if v > cut]
+                x = blk.forward_one(x, heads, tokens, inplace=True)
+        lg = torch.stack(logits, 1)
+        g = self._draw(lg, h) if deterministic else torch.stack(gates, 1)
+        self.last = GateRecord(dims, npre, g, lg)
+        return x
 
 
 def _mia(variant: str, arch: str, cfg: Any, pretrained: bool, kwargs: dict[str, Any]) -> MIAFormer:
