@@ -17,7 +17,8 @@ Execution, chosen per forward:
   with the block on are gathered, kept tokens are gathered (padded to the batch's longest, masked as keys),
   head weights are sliced when the batch shares one head pattern (always at batch 1; else dropped heads
   are zeroed), and results are scattered back. Per-image MACs are those of the image's own sub-model,
-  i.e. what batch-1 inference executes.
+  i.e. what batch-1 inference executes. At batch 1 without autograd (latency-bound: time is per operation)
+  each block's decisions are read out once as Python values and only the kept work is dispatched.
 """
 
 from __future__ import annotations
