@@ -55,6 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     eps_list = args.eps.split(",")
     table: dict[str, dict[str, str]] = {}
+    folders: dict[tuple[str, str], Path] = {}  # (row, eps) -> run folder, for the paired comparisons
     for eps in eps_list:
         for name, argv in cells(args.n, args.aa_n, args.aa_rand_n, args.eval_samples):
             cmd = [sys.executable, "-m", "miarobust", "run", *argv, "--eps", eps, "--data", "embedded",
@@ -62,10 +63,11 @@ def main() -> None:
             if not args.only_table and (args.rows is None or re.search(args.rows, name)):
                 print("$", shlex.join(["miarobust", *cmd[3:]]), flush=True)
                 subprocess.run(cmd, check=True)
-            summary = find_summary(Path(args.out), argv, eps)
-            if summary is None:
+            found = find_summary(Path(args.out), argv, eps)
+            if found is None:
                 table.setdefault(name, {})[eps] = "-"
                 continue
+            folders[name, eps], summary = found
             (att,) = summary["attacks"].values()
             lo, hi = att["ci95"]
             table.setdefault(name, {})[eps] = f"{100 * att['acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (n={att['n']})"
@@ -74,10 +76,37 @@ def main() -> None:
     print("|---|---|" + "---|" * len(eps_list))
     for name, row in table.items():
         print(f"| {name} | {row.get('clean', '-')} | " + " | ".join(row.get(e, "-") for e in eps_list) + " |")
+    lines = [paired(name_a, name_b, eps, folders[name_a, eps], folders[name_b, eps])
+             for name_a, name_b in PAIRED for eps in eps_list if (name_a, eps) in folders and (name_b, eps) in folders]
+    if lines:
+        print("\nPaired on the same images (exact McNemar test on the images robust under one model only):\n")
+        print("| gated vs static | eps | n | robust % (gated, static) | robust under gated only | under static only | two-sided p |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(lines))
 
 
-def find_summary(out: Path, argv: list[str], eps: str) -> dict | None:
-    """The summary of the finished run with these arguments (matched on its config.json and summary.json)."""
+# deterministic gates against the static model: the same images, 0/1 outcomes, so a paired test applies
+PAIRED = [("MIA deterministic, PGD", "vit_fmnist, PGD"), ("MIA deterministic, AutoAttack", "vit_fmnist, AutoAttack")]
+
+
+def paired(name_a: str, name_b: str, eps: str, folder_a: Path, folder_b: Path) -> str:
+    """One markdown row: the two runs' per-image robust outcomes on their shared images, and McNemar's p."""
+    import pandas as pd
+
+    from miarobust.stats import paired_drop_p
+
+    a, b = (pd.read_csv(f / "samples.csv", usecols=["index", "robust"]) for f in (folder_a, folder_b))
+    both = a.merge(b, on="index", suffixes=("_a", "_b"))
+    only_a = int(((both.robust_a >= 0.5) & (both.robust_b < 0.5)).sum())
+    only_b = int(((both.robust_a < 0.5) & (both.robust_b >= 0.5)).sum())
+    p = min(1.0, 2 * min(paired_drop_p(only_a, only_b), paired_drop_p(only_b, only_a)))
+    attack = name_a.split(", ", 1)[1]
+    return (f"| {attack} | {eps} | {len(both)} | {100 * both.robust_a.mean():.1f}, {100 * both.robust_b.mean():.1f} "
+            f"| {only_a} | {only_b} | {p:.3g} |")
+
+
+def find_summary(out: Path, argv: list[str], eps: str) -> tuple[Path, dict] | None:
+    """(folder, summary) of the finished run with these arguments (matched on its config.json and summary.json)."""
     want = dict(zip(argv[::2], argv[1::2]))
     for path in out.glob("*/summary.json"):
         cfg = json.loads((path.parent / "config.json").read_text())
@@ -89,7 +118,7 @@ def find_summary(out: Path, argv: list[str], eps: str) -> dict | None:
         # EOT cells match on the K the attack used (summary.json), not on the --eot it was given
         if "--eot" in want and summary["attacks"][want["--attack"]].get("eot") != int(want["--eot"]):
             continue
-        return summary
+        return path.parent, summary
     return None
 
 
