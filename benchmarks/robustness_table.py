@@ -20,6 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
+
+from miarobust.stats import paired_drop_p
+
 
 def cells(n: int, aa_n: int, aa_rand_n: int, eval_samples: int) -> list[tuple[str, list[str]]]:
     mia = ["--model", "mia_vit_fmnist", "--gate-mode", "stochastic", "--eval-samples", str(eval_samples)]
@@ -91,10 +95,6 @@ PAIRED = [("MIA deterministic, PGD", "vit_fmnist, PGD"), ("MIA deterministic, Au
 
 def paired(name_a: str, name_b: str, eps: str, folder_a: Path, folder_b: Path) -> str:
     """One markdown row: the two runs' per-image robust outcomes on their shared images, and McNemar's p."""
-    import pandas as pd
-
-    from miarobust.stats import paired_drop_p
-
     a, b = (pd.read_csv(f / "samples.csv", usecols=["index", "robust"]) for f in (folder_a, folder_b))
     both = a.merge(b, on="index", suffixes=("_a", "_b"))
     only_a = int(((both.robust_a >= 0.5) & (both.robust_b < 0.5)).sum())

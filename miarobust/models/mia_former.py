@@ -94,11 +94,11 @@ class GateRecord:
     def probs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         return None if self.logits is None else self._split(torch.sigmoid(self.logits))
 
-    def threshold_macs(self, dims: VitDims) -> torch.Tensor:
+    def threshold_macs(self) -> torch.Tensor:
         """(B,) MACs of the deterministic (p > 0.5) decisions along this forward's path, with sigmoid
         gradients (straight-through): lets training hold the deterministic cost to a budget too."""
         hard = [straight_through((p.detach() > 0.5).to(p.dtype), p) for p in self.probs]
-        return mia_macs(dims, *hard)
+        return mia_macs(self.dims, *hard)
 
     def kept(self) -> dict[str, torch.Tensor]:
         """Per image: share of blocks run, of heads and of tokens kept inside the blocks that ran."""

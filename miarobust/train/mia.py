@@ -94,7 +94,7 @@ def train_mia(cfg: TrainConfig) -> None:
         backbone.set_gate_mode("gumbel")
         logits = model(x)
         ratio = backbone.last.macs / full
-        det_ratio = backbone.last.threshold_macs(dims) / full
+        det_ratio = backbone.last.threshold_macs() / full
         with torch.no_grad():
             soft = teacher(x).softmax(-1)
         ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
