@@ -8,7 +8,8 @@ import torch
 
 import miarobust.models  # noqa: F401
 
-PAIRS = [("vit_fmnist", "mia_vit_fmnist", {}), ("deit_s", "mia_deit_s", {})]
+PAIRS = [("vit_fmnist", "mia_vit_fmnist", {}), ("deit_s", "mia_deit_s", {}),
+         ("vit_fmnist", "mia_vit_fmnist", {"init_values": 0.1})]  # layer scale: blocks not `_plain`
 
 
 def pair(static_name: str, mia_name: str, kwargs: dict, seed: int = 0):
@@ -43,6 +44,7 @@ def test_open_gates_through_gated_execution_equal_static(static_name, mia_name, 
     mia.set_gate_mode("deterministic").execution = execution
     with torch.no_grad():
         assert (mia(x) - static(x)).abs().max().item() <= 1e-5
+        assert (mia(x[:1]) - static(x[:1])).abs().max().item() <= 1e-5  # batch 1: its own code path
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -193,6 +195,16 @@ def test_batch_one_fast_path_matches_the_batched_path(mode: str) -> None:
         assert torch.allclose(r0.log_prob, r1.log_prob.detach(), atol=1e-5)
     blocks = torch.cat([r.blocks for r in runs[False][1]])
     assert blocks.min() == 0 or torch.cat([r.heads for r in runs[False][1]]).min() == 0
+
+
+def test_plain_blocks_are_recognised() -> None:
+    """Functional calls replace the module calls only where they are the same computation."""
+    mia = pair("deit_s", "mia_deit_s", {})[1]
+    assert all(blk._plain() for blk in mia.blocks)
+    scaled = pair("vit_fmnist", "mia_vit_fmnist", {"init_values": 0.1})[1]
+    assert not any(blk._plain() for blk in scaled.blocks)
+    dropout = timm.create_model("mia_vit_fmnist", proj_drop_rate=0.1)
+    assert not dropout.train().blocks[0]._plain() and dropout.eval().blocks[0]._plain()
 
 
 def test_decision_head_cache_follows_weight_updates() -> None:

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm as TimmLayerNorm
+from timm.layers import Mlp
 from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
@@ -111,6 +113,16 @@ class GateRecord:
         }
 
 
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) without the module call."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _plain_norm(norm: nn.Module) -> bool:
+    """Whether norm(x) is F.layer_norm with its own parameters (torch's LayerNorm, or timm's without fast-norm)."""
+    return type(norm) is nn.LayerNorm or (type(norm) is TimmLayerNorm and not norm._fast_norm)
+
+
 def _cache_key(params: list[torch.Tensor]) -> tuple | None:
     """A key for tensors derived from `params` (storage, version counter, dtype, device: an in-place
     update, a reload or a move changes it), or None where autograd may flow into them (no caching)."""
@@ -138,8 +150,11 @@ class DecisionHead(nn.Module):
 
     def forward(self, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
         """x (B, N, D) -> logits (B, 1 + H + N - num_prefix): the block's, each head's, each patch token's."""
-        z = self.norm(x)
         w, b = self._cls_weights()  # the block and head decisions in one matmul on the CLS token
+        if x.shape[0] == 1:  # one image (latency-bound: time is per call): its rows, functional calls
+            z = _layer_norm(self.norm, x[0])
+            return torch.cat([F.linear(z[:1], w, b), F.linear(z[num_prefix:], self.tokens.weight, self.tokens.bias).T], 1)
+        z = self.norm(x)
         return torch.cat([F.linear(z[:, 0], w, b), F.linear(z[:, num_prefix:], self.tokens.weight,
                                                            self.tokens.bias).squeeze(-1)], 1)
 
@@ -213,10 +228,11 @@ class MIABlock(Block):
         return out
 
     def _attention(self, h: torch.Tensor, keep: list[int], key_mask: torch.Tensor | None,
-                   head_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   head_mask: torch.Tensor | None = None, plain: bool = False) -> torch.Tensor:
         """Attention of the heads `keep` (indices) only, with q/k/v and proj weights sliced. h (B, M, D).
 
         head_mask (B, len(keep)), if given, zeroes heads per sample (mixed head patterns in one batch).
+        plain: q_norm and k_norm are identities (see `_plain`): not called.
         """
         a = self.attn
         b, m, d = h.shape
@@ -229,7 +245,8 @@ class MIABlock(Block):
         else:
             w_qkv, b_qkv, w_proj = self._sliced_weights(keep)
         q, k, v = F.linear(h, w_qkv, b_qkv).reshape(b, m, 3, hk, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = a.q_norm(q), a.k_norm(k)
+        if not plain:
+            q, k = a.q_norm(q), a.k_norm(k)
         if a.fused_attn:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         else:
@@ -244,15 +261,34 @@ class MIABlock(Block):
     def _run(self, xt: torch.Tensor, keep_head: list[int] | torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """The block on the gathered tokens xt (B, M, D); keep_head: kept head indices shared by the
         batch, or per-image head gates (B, H) as bool."""
-        h = self.norm1(xt)
+        plain = self._plain()
+        h = _layer_norm(self.norm1, xt) if plain else self.norm1(xt)
         if isinstance(keep_head, list):  # one pattern: slice the weights
-            o = self._attention(h, keep_head, key_mask)
+            o = self._attention(h, keep_head, key_mask, plain=plain)
         elif bool((keep_head == keep_head[:1]).all()):  # one pattern in the batch after all
-            o = self._attention(h, keep_head[0].nonzero().squeeze(1).tolist(), key_mask)
+            o = self._attention(h, keep_head[0].nonzero().squeeze(1).tolist(), key_mask, plain=plain)
         else:  # mixed patterns: all heads in one pass, dropped heads zeroed (per-pattern loops cost more on CPU)
-            o = self._attention(h, list(range(self.attn.num_heads)), key_mask, keep_head)
-        y = xt + self.ls1(o)
-        return y + self.ls2(self.mlp(self.norm2(y)))
+            o = self._attention(h, list(range(self.attn.num_heads)), key_mask, keep_head, plain)
+        if not plain:
+            y = xt + self.ls1(o)
+            return y + self.ls2(self.mlp(self.norm2(y)))
+        y = xt + o
+        mlp = self.mlp
+        u = F.gelu(F.linear(_layer_norm(self.norm2, y), mlp.fc1.weight, mlp.fc1.bias), approximate=mlp.act.approximate)
+        return y + F.linear(u, mlp.fc2.weight, mlp.fc2.bias)
+
+    def _plain(self) -> bool:
+        """Whether this block is timm's plain pre-norm block as run in eval (LayerNorms, GELU MLP, no
+        layer scale, no active dropout or drop path), so `_run` may call the functional ops directly:
+        the same kernels on the same tensors, without a module call per identity (at batch 1 on a small
+        model each call costs as much as a kernel)."""
+        a, mlp = self.attn, self.mlp
+        inactive = [a.attn_drop, a.proj_drop, self.ls1, self.ls2, self.drop_path1, self.drop_path2,
+                    a.q_norm, a.k_norm, getattr(mlp, "drop1", None), getattr(mlp, "drop2", None), getattr(mlp, "norm", None)]
+        return (_plain_norm(self.norm1) and _plain_norm(self.norm2) and type(mlp) is Mlp
+                and type(mlp.act) is nn.GELU and a.fused_attn
+                and all(type(m) is nn.Identity or (type(m) is nn.Dropout and (m.p == 0 or not self.training))
+                        for m in inactive))
 
     def forward_one(self, x: torch.Tensor, heads: list[int], tokens: list[int], inplace: bool = False) -> torch.Tensor:
         """One image x (1, N, D) through the kept heads and tokens only (indices, prefix tokens included):
