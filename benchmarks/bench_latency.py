@@ -4,11 +4,14 @@ For DeiT-S at 224 the gate decisions are fixed (every image keeps the same block
 MACs keep ratios of 0.5 and 0.7, in two mixes (see fixed_structure); beside each, a plain ViT of the same
 reduced shape (no controller, no gathers) is timed too: the floor that any gating overhead adds to,
 since smaller matmuls run at a lower rate than the static model's. For mia_vit_fmnist the trained controller decides per image (deterministic
-gates, embedded Fashion-MNIST images). Static and MIA forwards are interleaved in one process and the
+gates, embedded Fashion-MNIST images), for each shipped checkpoint and each `--checkpoint` (e.g. a
+latency-aware one, `miarobust train --cost latency`); beside each, the time ratio that a latency table
+(models/latency.py) measured at the start of the part predicts from the same images' decisions, a check of
+the table that latency-aware training relies on. Static and MIA forwards are interleaved in one process and the
 median of each is compared, so machine drift cancels. Goal (issue 3): at batch 1, time ratio <= MACs
 ratio + 0.10.
 
-    python benchmarks/bench_latency.py [--reps 20] [--threads 2] [--part all|deit|fmnist]
+    python benchmarks/bench_latency.py [--reps 20] [--threads 2] [--part all|deit|fmnist] [--checkpoint PATH ...]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import copy
 import statistics
 import time
+from pathlib import Path
 
 import timm
 import torch
@@ -25,7 +29,7 @@ from torch import nn
 
 import miarobust.models  # noqa: F401
 from miarobust.models.flops import VitDims, block_macs, controller_macs, static_macs
-from miarobust.models.mia_former import DecisionHead
+from miarobust.models.latency import LatencyTable, fix_controller
 
 
 def fixed_structure(dims: VitDims, target: float, mix: str) -> tuple[int, int, int]:
@@ -73,30 +77,6 @@ def dense_equivalent(static: VisionTransformer, blocks: int, heads: int, tokens:
     return model.eval()
 
 
-def fix_controller(model: torch.nn.Module, blocks: int, heads: int, tokens: int) -> None:
-    """Make every decision head return the same decisions for every image."""
-    dims = VitDims.of(model)
-
-    fixed: dict[tuple[int, int], torch.Tensor] = {}  # the decision logits per (block, batch size)
-
-    def forward(self: DecisionHead, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
-        b = x.shape[0]
-        DecisionHead.forward(self, x, num_prefix)  # keep the controller's real cost in the timing
-        key = (self.index, b)
-        if key not in fixed:
-            big = 50.0
-            logits = torch.full((b, 1 + dims.num_heads + x.shape[1] - num_prefix), -big)
-            logits[:, 0] = big if self.index < blocks else -big
-            logits[:, 1 : 1 + heads] = big
-            logits[:, 1 + dims.num_heads : 1 + dims.num_heads + tokens] = big
-            fixed[key] = logits
-        return fixed[key]
-
-    for i, head in enumerate(model.controller):
-        head.index = i
-        head.forward = forward.__get__(head)
-
-
 def timed(fn, x: torch.Tensor) -> float:
     t = time.perf_counter()
     fn(x)
@@ -125,6 +105,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--part", choices=["all", "deit", "fmnist"], default="all")
+    ap.add_argument("--checkpoint", action="append", default=[],
+                    help="mia_vit_fmnist checkpoint to time besides the shipped ones (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -136,37 +118,53 @@ def main() -> None:
             mia = timm.create_model("mia_deit_s", gate_mode="deterministic").eval()
             mia.load_state_dict(static.state_dict(), strict=False)
             structure = fixed_structure(dims, target, mix)
-            fix_controller(mia, *structure)
+            fix_controller(mia)(*structure)
             dense = dense_equivalent(static, *structure)
             for batch in (1, 64):
                 x = torch.randn(batch, 3, 224, 224)
                 ts, tm, ratio, td = compare(static, mia, x, args.reps if batch == 1 else max(3, args.reps // 6), dense)
-                rows.append((f"mia_deit_s keep {target}, {mix} (blocks/heads/tokens {structure})", batch, ts, tm, ratio, td))
+                rows.append((f"mia_deit_s keep {target}, {mix} (blocks/heads/tokens {structure})", batch, ts, tm, ratio, td,
+                             float("nan")))
                 print(f"# {rows[-1][0]} batch {batch}: time ratio {tm / ts:.3f}, MACs ratio {ratio:.3f}, "
                       f"dense same-shape ratio {td / ts:.3f}", flush=True)
 
     from miarobust.data import Geometry, embedded
     from miarobust.models import create
+    from miarobust.models.vit import shipped_checkpoint
 
     st = create("vit_fmnist")
-    mia = create("mia_vit_fmnist")
     data = embedded(None, "test", Geometry.of(st))
     images = torch.stack([data[i][0] for i in range(64)])
     mean, std = st.pretrained_cfg["mean"][0], st.pretrained_cfg["std"][0]
-    for batch in (1, 64) if args.part in ("all", "fmnist") else ():
-        if batch == 1:  # per-image decisions: average over 16 different images
-            res = [compare(st, mia, (images[i : i + 1] - mean) / std, max(5, args.reps // 2)) for i in range(16)]
-            ts, tm, ratio = (statistics.mean(r[k] for r in res) for k in range(3))
-        else:
-            ts, tm, ratio, _ = compare(st, mia, (images - mean) / std, args.reps)
-        rows.append(("mia_vit_fmnist (trained, deterministic)", batch, ts, tm, ratio, float("nan")))
+    checkpoints = [("default, MACs budget 0.7", None), ("MACs budget 0.5", shipped_checkpoint("mia_vit_fmnist_b05.safetensors"))]
+    checkpoints += [(Path(c).name, c) for c in args.checkpoint]
+    table = LatencyTable.measure(create("mia_vit_fmnist"), st) if args.part in ("all", "fmnist") else None
+    for label, checkpoint in checkpoints if table is not None else ():
+        mia = create("mia_vit_fmnist", checkpoint=checkpoint)
+        for batch in (1, 64):
+            predicted = float("nan")
+            if batch == 1:  # per-image decisions: average over 16 different images
+                res, guesses = [], []
+                for i in range(16):
+                    res.append(compare(st, mia, (images[i : i + 1] - mean) / std, max(5, args.reps // 2)))
+                    guesses.append(table.ratio(mia.last.blocks, mia.last.heads, mia.last.tokens).item())
+                ts, tm, ratio = (statistics.mean(r[k] for r in res) for k in range(3))
+                predicted = statistics.mean(guesses)
+            else:
+                ts, tm, ratio, _ = compare(st, mia, (images - mean) / std, args.reps)
+            rows.append((f"mia_vit_fmnist ({label}, deterministic)", batch, ts, tm, ratio, float("nan"), predicted))
 
     print(f"threads={args.threads} reps={args.reps}")
-    print("| model | batch | static ms | MIA ms | time ratio | MACs ratio | time - MACs | dense same-shape ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, batch, ts, tm, ratio, td in rows:
+    if table is not None:
+        print(f"latency table (mia_vit_fmnist, batch 1): {table}")
+    print("| model | batch | static ms | MIA ms | time ratio | MACs ratio | time - MACs | dense same-shape ratio "
+          "| predicted time ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, batch, ts, tm, ratio, td, predicted in rows:
         dense = "-" if td != td else f"{td / ts:.3f}"
-        print(f"| {name} | {batch} | {ts * 1e3:.2f} | {tm * 1e3:.2f} | {tm / ts:.3f} | {ratio:.3f} | {tm / ts - ratio:+.3f} | {dense} |")
+        guess = "-" if predicted != predicted else f"{predicted:.3f}"
+        print(f"| {name} | {batch} | {ts * 1e3:.2f} | {tm * 1e3:.2f} | {tm / ts:.3f} | {ratio:.3f} | {tm / ts - ratio:+.3f} "
+              f"| {dense} | {guess} |")
 
 
 if __name__ == "__main__":

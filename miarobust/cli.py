@@ -208,22 +208,32 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
               "else the shipped one).")
 @click.option("--kd-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="MIA: weight of the distillation loss.")
-@click.option("--budget", type=click.FloatRange(0.05, 1.0), default=None, help="MIA: target share of the static MACs.")
+@click.option("--budget", type=click.FloatRange(0.05, 1.0), default=None,
+              help="MIA: target share of the static model's cost (MACs, or batch-1 time with --cost latency).")
+@click.option("--cost", type=click.Choice(["macs", "latency"]), default="macs", show_default=True,
+              help="MIA: what the budget and the reward count: MACs, or the batch-1 time predicted by a latency "
+              "table measured on --device when the run starts (latency-aware controller).")
+@click.option("--latency-table", default=None, help="MIA with --cost latency: a latency.json of an earlier run "
+              "to train against instead of measuring one.")
 @click.option("--rl-weight", type=float, default=1.0, show_default=True, help="MIA: weight of the REINFORCE loss.")
-@click.option("--flops-lambda", type=float, default=1.0, show_default=True, help="MIA: reward = correct - lambda * MACs ratio.")
-def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None, budget: float | None,
-              rl_weight: float, flops_lambda: float, teacher: str | None, kd_weight: float, **kw: Any) -> None:
+@click.option("--flops-lambda", type=float, default=1.0, show_default=True, help="MIA: reward = correct - lambda * cost ratio.")
+def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None, budget: float | None, cost: str,
+              latency_table: str | None, rl_weight: float, flops_lambda: float, teacher: str | None, kd_weight: float,
+              **kw: Any) -> None:
     """Train a static ViT, or MIA-Former's controller and backbone (hybrid SL + RL)."""
     from miarobust.train.loop import TrainConfig
 
     mia = model.startswith("mia_")
     if mia and budget is None:
         raise UserError("MIA-Former training needs --budget, the target share of the static MACs (e.g. 0.7).")
-    if not mia and (budget is not None or teacher is not None):
-        raise UserError("--budget and --teacher apply to MIA-Former models (mia_*) only.")
-    out = out or (f"runs/{model}-b{budget:g}" if mia else f"runs/{model}")
+    if not mia and (budget is not None or teacher is not None or cost != "macs" or latency_table is not None):
+        raise UserError("--budget, --teacher, --cost and --latency-table apply to MIA-Former models (mia_*) only.")
+    if latency_table is not None and cost != "latency":
+        raise UserError("--latency-table is the table of --cost latency: add --cost latency, or leave it out.")
+    out = out or (f"runs/{model}-{'lat' if cost == 'latency' else 'b'}{budget:g}" if mia else f"runs/{model}")
     cfg = TrainConfig(model=model, out=out, epochs=epochs or (4 if mia else 12), lr=lr or (5e-4 if mia else 1e-3),
-                      budget=budget, extra={"rl_weight": rl_weight, "flops_lambda": flops_lambda, "kd_weight": kd_weight, "teacher": teacher} if mia else {}, **kw)
+                      budget=budget, extra={"rl_weight": rl_weight, "flops_lambda": flops_lambda, "kd_weight": kd_weight, "teacher": teacher,
+                             "cost": cost, "latency_table": latency_table} if mia else {}, **kw)
     try:
         if mia:
             from miarobust.train.mia import train_mia

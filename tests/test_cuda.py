@@ -40,7 +40,7 @@ def test_mia_sliced_equals_masked_on_cuda():
     torch.manual_seed(0)
     model = timm.create_model("mia_deit_s", img_size=64).cuda().eval()
     for head in model.controller:
-        for lin in (head.block, head.heads, head.tokens):
+        for lin in (head.cls, head.tokens):
             torch.nn.init.normal_(lin.weight, std=0.5)
             torch.nn.init.constant_(lin.bias, 0.3)
     x = torch.randn(4, 3, 64, 64, device="cuda")

@@ -37,7 +37,7 @@ def test_executed_submodel_matches_flop_counter(name: str, kwargs: dict, seed: i
     torch.manual_seed(seed)
     model = explicit_attention(timm.create_model(name, **kwargs).eval())
     for head in model.controller:  # random decisions: some blocks skipped, heads and tokens dropped
-        for lin in (head.block, head.heads, head.tokens):
+        for lin in (head.cls, head.tokens):
             torch.nn.init.normal_(lin.weight, std=1.0)
             torch.nn.init.constant_(lin.bias, 0.5)
     c, h, w = model.pretrained_cfg["input_size"]

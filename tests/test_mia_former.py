@@ -23,7 +23,7 @@ def pair(static_name: str, mia_name: str, kwargs: dict, seed: int = 0):
 
 def randomise_controller(mia: torch.nn.Module, bias: float = 0.3, std: float = 0.5) -> None:
     for head in mia.controller:
-        for lin in (head.block, head.heads, head.tokens):
+        for lin in (head.cls, head.tokens):
             torch.nn.init.normal_(lin.weight, std=std)
             torch.nn.init.constant_(lin.bias, bias)
 
@@ -112,8 +112,8 @@ def test_record_counts_only_heads_and_tokens_of_running_blocks() -> None:
     _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
     randomise_controller(mia)
     for head in mia.controller:
-        torch.nn.init.constant_(head.block.bias, -50.0)  # every block skipped
-        torch.nn.init.zeros_(head.block.weight)
+        torch.nn.init.constant_(head.cls.bias[:1], -50.0)  # every block skipped
+        torch.nn.init.zeros_(head.cls.weight[:1])
     with torch.no_grad():
         mia(x)
     from miarobust.models.flops import VitDims, controller_macs
@@ -207,19 +207,37 @@ def test_plain_blocks_are_recognised() -> None:
     assert not dropout.train().blocks[0]._plain() and dropout.eval().blocks[0]._plain()
 
 
-def test_decision_head_cache_follows_weight_updates() -> None:
+def test_plain_follows_swapped_layers() -> None:
+    """`_plain` is cached; a layer swapped anywhere in a block, or explicit attention, must be seen."""
+    from timm.layers import LayerScale
+
     _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
-    head = mia.controller[0]
+    blk = mia.blocks[0]
+    assert blk._plain()
+    blk.attn.q_norm = torch.nn.LayerNorm(blk.attn.head_dim)
+    assert not blk._plain()
+    blk.attn.q_norm = torch.nn.Identity()
+    assert blk._plain()
+    blk.ls1 = LayerScale(blk.norm1.normalized_shape[0], 0.1)
+    assert not blk._plain()
+    blk.ls1 = torch.nn.Identity()
+    blk.attn.fused_attn = False
+    assert not blk._plain()
+
+
+def test_decision_heads_of_the_earlier_layout_load() -> None:
+    """Checkpoints whose controller had separate `block` and `heads` linears load into `cls`, same logits."""
+    _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
+    sd = mia.state_dict()
+    for i in range(len(mia.controller)):
+        for kind in ("weight", "bias"):
+            stacked = sd.pop(f"controller.{i}.cls.{kind}")
+            sd[f"controller.{i}.block.{kind}"], sd[f"controller.{i}.heads.{kind}"] = stacked[:1], stacked[1:]
+    fresh = timm.create_model("mia_vit_fmnist")
+    assert set(fresh.load_state_dict(sd, strict=True).missing_keys) == set()
     tokens = mia._pos_embed(mia.patch_embed(x))
     with torch.no_grad():
-        before = head(tokens, 1)
-        head.heads.bias.add_(1.0)  # in place: the stacked block/head weights must be rebuilt
-        after = head(tokens, 1)
-    assert torch.allclose(after[:, 1:5], before[:, 1:5] + 1.0, atol=1e-5)
-    assert torch.equal(after[:, 5:], before[:, 5:])
-    # with autograd through the controller (training) its gradients reach every decision weight
-    head(tokens, 1).sum().backward()
-    assert all(p.grad is not None for p in (head.block.weight, head.heads.weight, head.tokens.weight))
+        assert all(torch.equal(a(tokens, 1), b(tokens, 1)) for a, b in zip(mia.controller, fresh.controller))
 
 
 def test_full_mode_record() -> None:

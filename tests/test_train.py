@@ -39,8 +39,8 @@ def test_mia_stages_from_static_then_from_mia(cli, tmp_path) -> None:
     assert cfg["augment"] and cfg["extra"]["kd_weight"] == 2.0
     assert cfg["extra"]["teacher"] == str(static_run / "model.safetensors")
     # the first stage moved the controller from its initial state; the second (at a negligible lr) kept it
-    fresh = create("mia_vit_fmnist", pretrained=False).state_dict()["controller.0.block.bias"]
-    assert not torch.equal(stage1["controller.0.block.bias"], fresh)
+    fresh = create("mia_vit_fmnist", pretrained=False).state_dict()["controller.0.cls.bias"]
+    assert not torch.equal(stage1["controller.0.cls.bias"], fresh)
     stage2 = load_file(str(second / "model.safetensors"))
     assert stage2.keys() == stage1.keys()
     assert all(torch.allclose(stage2[k], stage1[k], atol=1e-5) for k in stage1)

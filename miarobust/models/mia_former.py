@@ -33,6 +33,11 @@ from timm.layers import Mlp
 from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from miarobust.models.flops import VitDims, mia_macs, static_macs
 from miarobust.models.gates import GateMode, log_prob, sample_gates, straight_through
@@ -96,11 +101,10 @@ class GateRecord:
     def probs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         return None if self.logits is None else self._split(torch.sigmoid(self.logits))
 
-    def threshold_macs(self) -> torch.Tensor:
-        """(B,) MACs of the deterministic (p > 0.5) decisions along this forward's path, with sigmoid
-        gradients (straight-through): lets training hold the deterministic cost to a budget too."""
-        hard = [straight_through((p.detach() > 0.5).to(p.dtype), p) for p in self.probs]
-        return mia_macs(self.dims, *hard)
+    def threshold_gates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(blocks, heads, tokens) of the deterministic (p > 0.5) decisions along this forward's path, with
+        sigmoid gradients (straight-through): lets training hold the deterministic cost to a budget too."""
+        return tuple(straight_through((p.detach() > 0.5).to(p.dtype), p) for p in self.probs)
 
     def kept(self) -> dict[str, torch.Tensor]:
         """Per image: share of blocks run, of heads and of tokens kept inside the blocks that ran."""
@@ -111,6 +115,21 @@ class GateRecord:
             "heads": (self.heads.detach().mean(-1) * on).sum(1) / runs,
             "tokens": (self.tokens.detach().mean(-1) * on).sum(1) / runs,
         }
+
+
+# The module tree's version: torch's global registration hooks bump it whenever any module anywhere gets a
+# submodule, parameter or buffer assigned, so facts derived from a block's layers (`MIABlock._plain`) can be
+# cached on the hot path and still follow a swapped layer.
+_tree_version = [0]
+
+
+def _tree_changed(*_: Any) -> None:
+    _tree_version[0] += 1
+
+
+for _register in (register_module_module_registration_hook, register_module_parameter_registration_hook,
+                  register_module_buffer_registration_hook):
+    _register(_tree_changed)
 
 
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -134,42 +153,35 @@ def _cache_key(params: list[torch.Tensor]) -> tuple | None:
 class DecisionHead(nn.Module):
     """The controller of one block: logits for running the block, each head, and each patch token.
 
-    Cost per image: dim * (1 + num_heads) for the block and head decisions (from the CLS token) plus
-    num_patches * dim for the token decisions. Biases start at `init_bias` so every gate starts open.
+    Cost per image: dim * (1 + num_heads) for the block and head decisions (one linear on the CLS token)
+    plus num_patches * dim for the token decisions. Biases start at `init_bias` so every gate starts open.
+    Checkpoints with the block and head decisions as two linears (`block`, `heads`: before 2026-11-26) load
+    too: their rows are stacked into `cls` on load.
     """
 
     def __init__(self, dim: int, num_heads: int, init_bias: float = 3.0):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.block = nn.Linear(dim, 1)
-        self.heads = nn.Linear(dim, num_heads)
+        self.cls = nn.Linear(dim, 1 + num_heads)  # row 0: the block; rows 1..H: the heads
         self.tokens = nn.Linear(dim, 1)
-        for lin in (self.block, self.heads, self.tokens):
+        for lin in (self.cls, self.tokens):
             nn.init.trunc_normal_(lin.weight, std=0.01)
             nn.init.constant_(lin.bias, init_bias)
+        self._register_load_state_dict_pre_hook(_stack_cls_decisions)
 
     def forward(self, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
         """x (B, N, D) -> logits (B, 1 + H + N - num_prefix): the block's, each head's, each patch token's."""
-        w, b = self._cls_weights()  # the block and head decisions in one matmul on the CLS token
-        if x.shape[0] == 1:  # one image (latency-bound: time is per call): its rows, functional calls
-            z = _layer_norm(self.norm, x[0])
-            return torch.cat([F.linear(z[:1], w, b), F.linear(z[num_prefix:], self.tokens.weight, self.tokens.bias).T], 1)
-        z = self.norm(x)
-        return torch.cat([F.linear(z[:, 0], w, b), F.linear(z[:, num_prefix:], self.tokens.weight,
-                                                           self.tokens.bias).squeeze(-1)], 1)
+        z = _layer_norm(self.norm, x)
+        return torch.cat([F.linear(z[:, 0], self.cls.weight, self.cls.bias),
+                          F.linear(z[:, num_prefix:], self.tokens.weight, self.tokens.bias).squeeze(-1)], 1)
 
-    def _cls_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block and head decision weights stacked (1 + H, D) and their biases; cached like
-        MIABlock's head slices when no gradient reaches them."""
-        params = [self.block.weight, self.block.bias, self.heads.weight, self.heads.bias]
-        key = _cache_key(params)
-        hit = self.__dict__.get("_cls")
-        if key is not None and hit is not None and hit[0] == key:
-            return hit[1]
-        out = torch.cat(params[0::2]), torch.cat(params[1::2])
-        if key is not None:
-            self.__dict__["_cls"] = (key, out)
-        return out
+
+def _stack_cls_decisions(state_dict: dict[str, torch.Tensor], prefix: str, *_: Any) -> None:
+    """Load hook of DecisionHead: the earlier layout's `block` and `heads` linears become `cls` (rows stacked)."""
+    for kind in ("weight", "bias"):
+        old = [prefix + "block." + kind, prefix + "heads." + kind]
+        if all(k in state_dict for k in old):
+            state_dict[prefix + "cls." + kind] = torch.cat([state_dict.pop(k) for k in old])
 
 
 class MIABlock(Block):
@@ -281,7 +293,16 @@ class MIABlock(Block):
         """Whether this block is timm's plain pre-norm block as run in eval (LayerNorms, GELU MLP, no
         layer scale, no active dropout or drop path), so `_run` may call the functional ops directly:
         the same kernels on the same tensors, without a module call per identity (at batch 1 on a small
-        model each call costs as much as a kernel)."""
+        model each call costs as much as a kernel). Cached until a layer is swapped anywhere (see
+        `_tree_version`), the train/eval mode or the attention's `fused_attn` changes; a dropout's rate
+        changed in place while training is not seen."""
+        key = (_tree_version[0], self.training, self.attn.fused_attn)
+        hit = self.__dict__.get("_plain_cache")
+        if hit is None or hit[0] != key:
+            hit = self.__dict__["_plain_cache"] = (key, self._derive_plain())
+        return hit[1]
+
+    def _derive_plain(self) -> bool:
         a, mlp = self.attn, self.mlp
         inactive = [a.attn_drop, a.proj_drop, self.ls1, self.ls2, self.drop_path1, self.drop_path2,
                     a.q_norm, a.k_norm, getattr(mlp, "drop1", None), getattr(mlp, "drop2", None), getattr(mlp, "norm", None)]

@@ -3,12 +3,17 @@
 Per step (Yu et al. 2022 train the controller with a hybrid of SL and RL; the losses here are ours):
 
     SL:  CE(student) + w_kd * KL(teacher || student)
-         + w_budget * [(mean MACs ratio - budget)^2 + (mean deterministic MACs ratio - budget)^2]
+         + w_budget * [(mean cost ratio - budget)^2 + (mean deterministic cost ratio - budget)^2]
          with straight-through Gumbel-sigmoid gates (AdaViT, Meng et al. 2022), dense masked execution; the
          second term (gates p > 0.5 along the same path, sigmoid gradients) keeps deterministic inference,
          which opens every gate with p > 0.5, within the budget too;
-    RL:  -(R - b) * log pi(drawn gates),  R = correct - lambda * MACs ratio   (REINFORCE, Williams 1992)
+    RL:  -(R - b) * log pi(drawn gates),  R = correct - lambda * cost ratio   (REINFORCE, Williams 1992)
          with Bernoulli gates drawn from the controller and b a moving-average baseline.
+
+The cost ratio is the MACs ratio against the static model (`extra["cost"] == "macs"`, the paper's budget), or
+with "latency" the predicted batch-1 time ratio of `models.latency.LatencyTable`: measured on the training
+device when the run starts (or read from `extra["latency_table"]`) and kept in the run folder as
+latency.json, which a resumed run reads back, so one run trains against one table.
 
 The teacher is a static model: `extra["teacher"]`, else the static checkpoint the student starts from,
 else the shipped one. The student starts from `init`: a static checkpoint (the controller starts with every
@@ -21,6 +26,8 @@ percentiles over images), the share of blocks/heads/tokens kept, and stochastic 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from miarobust.data import Geometry, load_dataset
+from miarobust.models.latency import LatencyTable
 from miarobust.models.normalize import Normalized
 from miarobust.train.loop import TrainConfig, fit
 
@@ -40,12 +48,13 @@ BASELINE_MOMENTUM = 0.9
 
 @torch.no_grad()
 def gated_metrics(model: Normalized, data: Dataset, device: torch.device, full_macs: float, mode: str,
-                  batch_size: int = 500) -> dict[str, float]:
-    """Accuracy, MACs ratio statistics and kept shares of an MIA model in `mode` on `data`."""
+                  table: LatencyTable | None = None, batch_size: int = 500) -> dict[str, float]:
+    """Accuracy, MACs ratio statistics and kept shares of an MIA model in `mode` on `data`; with a latency
+    table, its mean predicted batch-1 time ratio too."""
     mia = model.model
     before = mia.gate_mode
     mia.set_gate_mode(mode)
-    correct, ratios, kept = 0, [], {"blocks": [], "heads": [], "tokens": []}
+    correct, ratios, kept, latency = 0, [], {"blocks": [], "heads": [], "tokens": []}, []
     try:
         for x, y in DataLoader(data, batch_size=batch_size):
             pred = model(x.to(device)).argmax(1).cpu()
@@ -53,17 +62,44 @@ def gated_metrics(model: Normalized, data: Dataset, device: torch.device, full_m
             ratios.append(mia.last.macs.cpu() / full_macs)
             for k, v in mia.last.kept().items():
                 kept[k].append(v.cpu())
+            if table is not None:
+                rec = mia.last
+                latency.append(table.ratio(rec.blocks, rec.heads, rec.tokens).cpu())
     finally:
         mia.set_gate_mode(before)
     r = torch.cat(ratios)
     out = {"acc": correct / len(data), "ratio": r.mean().item(), "ratio_std": r.std().item(),
            "ratio_p5": r.quantile(0.05).item(), "ratio_p50": r.quantile(0.5).item(), "ratio_p95": r.quantile(0.95).item()}
     out.update({f"kept_{k}": torch.cat(v).mean().item() for k, v in kept.items()})
+    if latency:
+        out["latency_ratio"] = torch.cat(latency).mean().item()
     return out
 
 
+def cost_ratio(cfg: TrainConfig, mia: torch.nn.Module, static: torch.nn.Module,
+               full_macs: float) -> tuple[Callable[..., torch.Tensor], LatencyTable | None]:
+    """The cost the budget and the reward see, as a function of gates (blocks, heads, tokens) -> (B,) ratio
+    to the static model, and the latency table behind it (None for MACs)."""
+    from miarobust.models.flops import VitDims, mia_macs
+
+    kind = cfg.extra.get("cost", "macs")
+    if kind == "macs":
+        dims = VitDims.of(mia)
+        return (lambda *gates: mia_macs(dims, *gates) / full_macs), None
+    kept = Path(cfg.out) / "latency.json"
+    if kept.is_file():
+        table = LatencyTable.load(kept)
+    elif cfg.extra.get("latency_table"):
+        table = LatencyTable.load(cfg.extra["latency_table"])
+    else:
+        table = LatencyTable.measure(mia, static, device=cfg.device)
+    log.info("latency table: %s", table)
+    table.save(kept)
+    return table.ratio, table
+
+
 def train_mia(cfg: TrainConfig) -> None:
-    """Train `cfg.model` (an mia_* model) at MACs budget `cfg.budget` from the static checkpoint `cfg.init`."""
+    """Train `cfg.model` (an mia_* model) at cost budget `cfg.budget` from the checkpoint `cfg.init`."""
     from miarobust.models import create
     from miarobust.models.flops import VitDims, static_macs
     from miarobust.models.registry import read_state_dict
@@ -88,13 +124,15 @@ def train_mia(cfg: TrainConfig) -> None:
     rl_weight = float(cfg.extra.get("rl_weight", 1.0))
     flops_lambda = float(cfg.extra.get("flops_lambda", 1.0))
     kd_weight = float(cfg.extra.get("kd_weight", KD_WEIGHT))
+    cost, table = cost_ratio(cfg, backbone, teacher_backbone, full)
     baseline = {"b": None}
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         backbone.set_gate_mode("gumbel")
         logits = model(x)
-        ratio = backbone.last.macs / full
-        det_ratio = backbone.last.threshold_macs() / full
+        rec = backbone.last
+        ratio = cost(rec.blocks, rec.heads, rec.tokens)
+        det_ratio = cost(*rec.threshold_gates())
         with torch.no_grad():
             soft = teacher(x).softmax(-1)
         ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
@@ -109,7 +147,7 @@ def train_mia(cfg: TrainConfig) -> None:
             half = x[: max(1, len(x) // 2)]  # the policy gradient needs fewer samples than the supervised part
             rl_logits = model(half)
             rec = backbone.last
-            reward = (rl_logits.argmax(1) == y[: len(half)]).float() - flops_lambda * rec.macs.detach() / full
+            reward = (rl_logits.argmax(1) == y[: len(half)]).float() - flops_lambda * cost(rec.blocks, rec.heads, rec.tokens).detach()
             b = reward.mean().item() if baseline["b"] is None else baseline["b"]
             rl = -((reward - b) * rec.log_prob).mean()
             baseline["b"] = BASELINE_MOMENTUM * b + (1 - BASELINE_MOMENTUM) * reward.mean().item()
@@ -119,11 +157,13 @@ def train_mia(cfg: TrainConfig) -> None:
         return loss, metrics
 
     def evaluate() -> dict[str, float]:
-        det = gated_metrics(model, test_set, device, full, "deterministic")
-        sto = gated_metrics(model, test_set, device, full, "stochastic")
+        det = gated_metrics(model, test_set, device, full, "deterministic", table)
+        sto = gated_metrics(model, test_set, device, full, "stochastic", table)
         row = {"test_acc": det["acc"], "flops_ratio": det["ratio"], "budget": cfg.budget}
-        row.update({f"det_{k}": v for k, v in det.items() if k not in ("acc", "ratio")})
+        row.update({f"det_{k}": v for k, v in det.items() if k not in ("acc", "ratio", "latency_ratio")})
         row.update({"test_acc_stochastic": sto["acc"], "flops_ratio_stochastic": sto["ratio"]})
+        if table is not None:
+            row.update({"latency_ratio": det["latency_ratio"], "latency_ratio_stochastic": sto["latency_ratio"]})
         return row
 
     controller = [p for n, p in model.named_parameters() if ".controller." in f".{n}"]
