@@ -225,7 +225,8 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
 
     mia = model.startswith("mia_")
     if mia and budget is None:
-        raise UserError("MIA-Former training needs --budget, the target share of the static MACs (e.g. 0.7).")
+        raise UserError("MIA-Former training needs --budget, the target share of the static model's cost "
+                        "(MACs, or batch-1 time with --cost latency), e.g. 0.7.")
     if not mia and (budget is not None or teacher is not None or cost != "macs" or latency_table is not None):
         raise UserError("--budget, --teacher, --cost and --latency-table apply to MIA-Former models (mia_*) only.")
     if latency_table is not None and cost != "latency":

@@ -72,6 +72,9 @@ def test_bad_table_files_say_what_to_do(tmp_path) -> None:
     (tmp_path / "bad.json").write_text(json.dumps({"static": 1.0}))
     with pytest.raises(UserError, match="delete it"):
         LatencyTable.load(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("not json")
+    with pytest.raises(UserError, match="is not a latency.json"):
+        LatencyTable.load(tmp_path / "bad.json")
 
 
 def test_latency_aware_training_keeps_one_table_across_resumes(cli, tmp_path) -> None:
@@ -91,7 +94,7 @@ def test_latency_aware_training_keeps_one_table_across_resumes(cli, tmp_path) ->
     assert LatencyTable.load(out / "latency.json") == TABLE and len(pd.read_csv(out / "log.csv")) == 2
 
 
-@pytest.mark.parametrize("args", [["--model", "vit_fmnist", "--cost", "latency"],
+@pytest.mark.parametrize("args", [["--model", "vit_fmnist", "--cost", "latency"], ["--model", "mia_vit_fmnist"],
                                   ["--model", "mia_vit_fmnist", "--budget", "0.6", "--latency-table", "t.json"]])
 def test_latency_options_misused(cli, tmp_path, args) -> None:
     r = cli("train", "--data", "synthetic", *args, "--out", str(tmp_path / "x"))

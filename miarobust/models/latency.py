@@ -72,8 +72,8 @@ class LatencyTable:
             raise UserError(f"latency table {path} not found: give an existing file, or leave the option "
                             "out to measure one.") from None
         except (ValueError, TypeError) as e:
-            raise UserError(f"latency table {path} is not one `miarobust train --cost latency` wrote ({e}): "
-                            "delete it to measure a new one.") from None
+            raise UserError(f"latency table {path} is not a latency.json of `miarobust train --cost latency` ({e}): "
+                            "pass one, or delete it (or leave --latency-table out) to measure a new one.") from None
 
     @classmethod
     def measure(cls, mia: nn.Module, static: nn.Module, reps: int = 15, device: str | torch.device = "cpu") -> LatencyTable:
