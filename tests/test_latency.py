@@ -3,8 +3,10 @@ shape (never its speed: no timed assertion), files, and latency-aware training e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -66,15 +68,48 @@ def test_measure_gives_a_complete_table_and_leaves_the_model_alone(tmp_path) -> 
     assert LatencyTable.load(tmp_path / "t.json") == table
 
 
-def test_bad_table_files_say_what_to_do(tmp_path) -> None:
+def test_bad_table_files_say_what_to_do(cli, tmp_path) -> None:
     with pytest.raises(UserError, match="not found"):
         LatencyTable.load(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text(json.dumps({"static": 1.0}))
-    with pytest.raises(UserError, match="delete it"):
+    with pytest.raises(UserError, match="leave --latency-table out"):
         LatencyTable.load(tmp_path / "bad.json")
+    # a run folder's own table that went bad: deleting it (or another --out) is what helps
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latency.json").write_text("{}")
+    r = cli("train", "--model", "mia_vit_fmnist", "--data", "synthetic", "--budget", "0.6", "--cost", "latency",
+            "--out", str(run))
+    assert r.code == 2 and "delete it" in r.err and "Traceback" not in r.err
     (tmp_path / "bad.json").write_text("not json")
     with pytest.raises(UserError, match="is not a latency.json"):
         LatencyTable.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("content", ['{"static": NaN, "fixed": 1, "block": 1, "token": 1, "head": 1, "gather": 1}',
+                                     '{"static": "2", "fixed": 1, "block": 1, "token": 1, "head": 1, "gather": 1}',
+                                     '{"static": 0, "fixed": 1, "block": 1, "token": 1, "head": 1, "gather": 1}',
+                                     '{"static": 1, "fixed": -1, "block": 1, "token": 1, "head": 1, "gather": 1}',
+                                     '[1, 2]', "DIR"])
+def test_invalid_tables_are_refused(tmp_path, content) -> None:
+    path = tmp_path / "t.json"
+    if content == "DIR":
+        path.mkdir()
+    else:
+        path.write_text(content)
+    with pytest.raises(UserError, match="is not a latency.json"):
+        LatencyTable.load(path)
+
+
+def test_nonnegative_fit_refits_without_the_negative_term() -> None:
+    from miarobust.models.latency import _nonnegative_lstsq
+
+    rng = np.random.default_rng(0)
+    a = np.c_[np.ones(20), rng.uniform(0, 1, 20), rng.uniform(0, 1, 20)]
+    b = 2 + 3 * a[:, 1] - 0.5 * a[:, 2] + rng.normal(0, 0.01, 20)  # the last term is negative
+    coef = _nonnegative_lstsq(a, b)
+    assert coef[2] == 0 and (coef >= 0).all()
+    assert np.allclose(coef[:2], np.linalg.lstsq(a[:, :2], b, rcond=None)[0])
 
 
 def test_latency_aware_training_keeps_one_table_across_resumes(cli, tmp_path) -> None:
@@ -88,10 +123,26 @@ def test_latency_aware_training_keeps_one_table_across_resumes(cli, tmp_path) ->
     assert LatencyTable.load(out / "latency.json") == TABLE
     log = pd.read_csv(out / "log.csv")
     assert {"latency_ratio", "latency_ratio_stochastic", "flops_ratio"} <= set(log.columns)
+    # the budget saw the given table: its all-open ratio is 2.9 (fixed 0.5 + 6 x 0.88 over a static 2.0),
+    # while the MACs ratio of any structure is at most about 1
+    assert log["train_ratio"].iloc[0] > 1.5 and log["latency_ratio"].iloc[0] > 1.5
     assert json.loads((out / "config.json").read_text())["extra"]["cost"] == "latency"
     r = cli(*common, "--epochs", "2")  # resumes: trains on against the run's own table, measures nothing
     assert r.code == 0, r.err
     assert LatencyTable.load(out / "latency.json") == TABLE and len(pd.read_csv(out / "log.csv")) == 2
+    other = tmp_path / "other.json"
+    dataclasses.replace(TABLE, static=3.0).save(other)
+    r = cli(*common, "--epochs", "3", "--latency-table", str(other))  # not the run's own: refused
+    assert r.code == 2 and "its own latency.json" in r.err and len(pd.read_csv(out / "log.csv")) == 2
+
+
+def test_a_table_of_another_model_is_refused(cli, tmp_path) -> None:
+    table = tmp_path / "deit.json"
+    dataclasses.replace(TABLE, model="depth=12 dim=384 heads=6 mlp=1536 patches=196 prefix=1").save(table)
+    r = cli("train", "--model", "mia_vit_fmnist", "--data", "synthetic", "--budget", "0.6", "--cost", "latency",
+            "--latency-table", str(table), "--out", str(tmp_path / "run"))
+    assert r.code == 2 and "another model" in r.err and "Traceback" not in r.err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("args", [["--model", "vit_fmnist", "--cost", "latency"], ["--model", "mia_vit_fmnist"],

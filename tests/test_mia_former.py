@@ -223,6 +223,12 @@ def test_plain_follows_swapped_layers() -> None:
     blk.ls1 = torch.nn.Identity()
     blk.attn.fused_attn = False
     assert not blk._plain()
+    # the cache's key counts this process's registrations: it must not travel in a pickle or a deep copy
+    import copy
+    import pickle
+
+    assert "_plain_cache" in vars(blk)
+    assert "_plain_cache" not in vars(pickle.loads(pickle.dumps(blk))) and "_plain_cache" not in vars(copy.deepcopy(blk))
 
 
 def test_decision_heads_of_the_earlier_layout_load() -> None:

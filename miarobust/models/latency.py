@@ -14,12 +14,14 @@ h * n, the MLP with n), where `fixed` is everything that runs whatever the gates
 every decision head, final norm, classifier). The same expression on gate tensors is differentiable in them, like `mia_macs`, so
 training can hold the predicted time ratio (against the static model timed in the same session) to a
 budget: the latency-aware counterpart of the MACs budget (as hardware-aware NAS uses a per-layer latency
-table instead of FLOPs).
+table instead of FLOPs). The gather term enters through 1 - prod(token gates): its gradient pushes back a
+block's last dropped token only, so avoiding gathers is learned mostly through the REINFORCE reward.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -48,6 +50,14 @@ class LatencyTable:
     device: str = "cpu"
     threads: int = 1
     residual: float = 0.0  # root-mean-square error of the fit over the timed structures, in seconds
+    model: str = ""  # the dimensions it was measured on (`dims_key`); empty in tables written before
+
+    def __post_init__(self) -> None:
+        numbers = [getattr(self, f) for f in ("static", "fixed", "block", "token", "head", "gather", "head_token", "residual")]
+        if not all(type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in numbers) or self.static <= 0:
+            raise ValueError("every time must be a finite number >= 0, the static model's > 0")
+        if type(self.threads) is not int or not isinstance(self.device, str) or not isinstance(self.model, str):
+            raise ValueError("threads must be an integer, device and model strings")
 
     def seconds(self, blocks: torch.Tensor, heads: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """(B,) predicted seconds from gates (differentiable in them). Shapes as `flops.mia_macs`: blocks
@@ -65,15 +75,19 @@ class LatencyTable:
         write_json(Path(path), asdict(self))
 
     @classmethod
-    def load(cls, path: str | Path) -> LatencyTable:
+    def load(cls, path: str | Path, fix: str = "pass one, or leave --latency-table out to measure a new one") -> LatencyTable:
+        """The table in `path`; a missing or invalid file is a UserError ending in `fix` (what to do)."""
         try:
-            return cls(**json.loads(Path(path).read_text()))
+            fields = json.loads(Path(path).read_text())
+            if not isinstance(fields, dict):
+                raise ValueError("not a JSON object")
+            return cls(**fields)
         except FileNotFoundError:
             raise UserError(f"latency table {path} not found: give an existing file, or leave the option "
                             "out to measure one.") from None
-        except (ValueError, TypeError) as e:
-            raise UserError(f"latency table {path} is not a latency.json of `miarobust train --cost latency` ({e}): "
-                            "pass one, or delete it (or leave --latency-table out) to measure a new one.") from None
+        except (OSError, ValueError, TypeError) as e:
+            raise UserError(f"latency table {path} is not a latency.json of `miarobust train --cost latency` "
+                            f"({e}): {fix}.") from None
 
     @classmethod
     def measure(cls, mia: nn.Module, static: nn.Module, reps: int = 15, device: str | torch.device = "cpu") -> LatencyTable:
@@ -86,7 +100,8 @@ class LatencyTable:
 
         dims = VitDims.of(mia)
         mia = copy.deepcopy(mia).to(device).eval().set_gate_mode("deterministic")
-        static = static.to(device).eval()
+        mia.execution, mia.straight_through = "auto", False  # the sliced inference path, whatever the caller set
+        static = copy.deepcopy(static).to(device).eval()
         x = torch.randn(1, mia.patch_embed.proj.in_channels, *mia.patch_embed.img_size, device=device)
         n, h, d = dims.num_patches, dims.num_heads, dims.depth
         grid = [(0, h, n)] + [(k, hk, nk) for k in sorted({d, max(1, d // 2)}) for hk in sorted({1, max(1, h // 2), h})
@@ -110,12 +125,30 @@ class LatencyTable:
         rows = np.array([[1.0, nk + dims.num_prefix, hk, hk * (nk + dims.num_prefix), float(nk < n)]
                          for _, hk, nk in grid[1:]])
         per_block = np.array([(t - t_none) / k for (k, _, _), t in zip(grid[1:], rest)])
-        coef = np.clip(np.linalg.lstsq(rows, per_block, rcond=None)[0], 0.0, None)
+        coef = _nonnegative_lstsq(rows, per_block)
         predicted = t_none + np.array([k for k, _, _ in grid[1:]]) * (rows @ coef)
         residual = float(np.sqrt(np.mean((predicted - np.array(rest)) ** 2)))
         return cls(static=t_static, fixed=t_none, block=float(coef[0]), token=float(coef[1]), head=float(coef[2]),
-                   head_token=float(coef[3]), gather=float(coef[4]), device=str(torch.device(device)), threads=torch.get_num_threads(),
-                   residual=residual)
+                   head_token=float(coef[3]), gather=float(coef[4]), device=str(torch.device(device)),
+                   threads=torch.get_num_threads(), residual=residual, model=dims_key(dims))
+
+
+def dims_key(dims: VitDims) -> str:
+    """What a latency table depends on of the model: its dimensions, as a short string."""
+    return (f"depth={dims.depth} dim={dims.dim} heads={dims.num_heads} mlp={dims.mlp_hidden} "
+            f"patches={dims.num_patches} prefix={dims.num_prefix}")
+
+
+def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with coefficients >= 0: refit without the most negative term until none is negative
+    (an active-set approximation of NNLS, exact when at most one term is pinned at zero)."""
+    active = list(range(a.shape[1]))
+    while True:
+        coef = np.zeros(a.shape[1])
+        coef[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+        if coef.min() >= 0 or len(active) == 1:
+            return np.clip(coef, 0.0, None)
+        active.remove(int(np.argmin(coef)))
 
 
 def _timed(model: nn.Module, x: torch.Tensor) -> float:

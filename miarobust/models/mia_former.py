@@ -302,6 +302,11 @@ class MIABlock(Block):
             hit = self.__dict__["_plain_cache"] = (key, self._derive_plain())
         return hit[1]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle and deepcopy without the caches: `_plain_cache`'s key counts this process's module
+        registrations, meaningless in another; `_slices` is keyed on storage addresses."""
+        return {k: v for k, v in super().__getstate__().items() if k not in ("_plain_cache", "_slices")}
+
     def _derive_plain(self) -> bool:
         a, mlp = self.attn, self.mlp
         inactive = [a.attn_drop, a.proj_drop, self.ls1, self.ls2, self.drop_path1, self.drop_path2,

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from miarobust.data import Geometry, load_dataset
-from miarobust.models.latency import LatencyTable
+from miarobust.errors import UserError
+from miarobust.models.latency import LatencyTable, dims_key
 from miarobust.models.normalize import Normalized
 from miarobust.train.loop import TrainConfig, fit
 
@@ -87,12 +88,20 @@ def cost_ratio(cfg: TrainConfig, mia: torch.nn.Module, static: torch.nn.Module,
         dims = VitDims.of(mia)
         return (lambda *gates: mia_macs(dims, *gates) / full_macs), None
     kept = Path(cfg.out) / "latency.json"
-    if kept.is_file():
-        table = LatencyTable.load(kept)
-    elif cfg.extra.get("latency_table"):
-        table = LatencyTable.load(cfg.extra["latency_table"])
-    else:
+    given = cfg.extra.get("latency_table")
+    table = LatencyTable.load(given) if given else None
+    if kept.is_file():  # a resumed run trains on against its own table
+        own = LatencyTable.load(kept, fix=f"delete it to measure a new one, or start a new --out than {cfg.out}")
+        if table is not None and table != own:
+            raise UserError(f"{cfg.out} was trained against its own latency.json, not {given}: leave "
+                            "--latency-table out to resume, or start a new --out.")
+        table = own
+    elif table is None:
         table = LatencyTable.measure(mia, static, device=cfg.device)
+    key = dims_key(VitDims.of(mia))
+    if table.model and table.model != key:
+        raise UserError(f"the latency table was measured on another model ({table.model}; this one: {key}): "
+                        "use a table of this model, or leave --latency-table out to measure one.")
     log.info("latency table: %s", table)
     table.save(kept)
     return table.ratio, table
