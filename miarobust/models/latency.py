@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from miarobust.errors import UserError
 from miarobust.models.flops import VitDims
@@ -109,7 +110,7 @@ class LatencyTable:
         forced = fix_controller(mia)
         times: list[list[float]] = [[] for _ in range(len(grid) + 1)]
         with torch.inference_mode():
-            for r in range(reps + 1):  # a warm-up round
+            for r in tqdm(range(reps + 1), desc="latency table", unit="round", leave=False):  # a warm-up round
                 for i, structure in enumerate([None, *grid]):
                     model = static if structure is None else mia
                     if structure is not None:
