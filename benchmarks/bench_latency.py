@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 from pathlib import Path
 
 import timm
@@ -29,7 +28,7 @@ from torch import nn
 
 import miarobust.models  # noqa: F401
 from miarobust.models.flops import VitDims, block_macs, controller_macs, static_macs
-from miarobust.models.latency import LatencyTable, fix_controller
+from miarobust.models.latency import LatencyTable, fix_controller, timed
 
 
 def fixed_structure(dims: VitDims, target: float, mix: str) -> tuple[int, int, int]:
@@ -75,12 +74,6 @@ def dense_equivalent(static: VisionTransformer, blocks: int, heads: int, tokens:
 
     model.forward_features = features
     return model.eval()
-
-
-def timed(fn, x: torch.Tensor) -> float:
-    t = time.perf_counter()
-    fn(x)
-    return time.perf_counter() - t
 
 
 def compare(static: torch.nn.Module, mia: torch.nn.Module, x: torch.Tensor, reps: int,

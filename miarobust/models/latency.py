@@ -116,7 +116,7 @@ class LatencyTable:
                     if structure is not None:
                         forced(*structure)
                     model(x)  # each timing on warm caches: a run right after the same one, as in a steady stream
-                    t = _timed(model, x)
+                    t = timed(model, x)
                     if r >= 1:
                         times[i].append(t)
         med = [statistics.median(t) for t in times]
@@ -152,7 +152,8 @@ def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         active.remove(int(np.argmin(coef)))
 
 
-def _timed(model: nn.Module, x: torch.Tensor) -> float:
+def timed(model: nn.Module, x: torch.Tensor) -> float:
+    """Seconds of one call `model(x)` (CUDA synchronised on both sides)."""
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     t = time.perf_counter()

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from miarobust.data import Geometry, load_dataset
 from miarobust.errors import UserError
+from miarobust.models.flops import VitDims, mia_macs
 from miarobust.models.latency import LatencyTable, dims_key
 from miarobust.models.normalize import Normalized
 from miarobust.train.loop import TrainConfig, fit
@@ -77,20 +78,18 @@ def gated_metrics(model: Normalized, data: Dataset, device: torch.device, full_m
     return out
 
 
-def cost_ratio(cfg: TrainConfig, mia: torch.nn.Module, static: torch.nn.Module,
+def cost_ratio(cfg: TrainConfig, mia: torch.nn.Module, static: torch.nn.Module, dims: VitDims,
                full_macs: float) -> tuple[Callable[..., torch.Tensor], LatencyTable | None]:
     """The cost the budget and the reward see, as a function of gates (blocks, heads, tokens) -> (B,) ratio
     to the static model, and the latency table behind it (None for MACs)."""
-    from miarobust.models.flops import VitDims, mia_macs
-
     kind = cfg.extra.get("cost", "macs")
     if kind == "macs":
-        dims = VitDims.of(mia)
         return (lambda *gates: mia_macs(dims, *gates) / full_macs), None
     kept = Path(cfg.out) / "latency.json"
     given = cfg.extra.get("latency_table")
     table = LatencyTable.load(given) if given else None
-    if kept.is_file():  # a resumed run trains on against its own table
+    resumed = kept.is_file()
+    if resumed:  # a resumed run trains on against its own table
         own = LatencyTable.load(kept, fix=f"delete it to measure a new one, or start a new --out than {cfg.out}")
         if table is not None and table != own:
             raise UserError(f"{cfg.out} was trained against its own latency.json, not {given}: leave "
@@ -98,19 +97,20 @@ def cost_ratio(cfg: TrainConfig, mia: torch.nn.Module, static: torch.nn.Module,
         table = own
     elif table is None:
         table = LatencyTable.measure(mia, static, device=cfg.device)
-    key = dims_key(VitDims.of(mia))
+    key = dims_key(dims)
     if table.model and table.model != key:
         raise UserError(f"the latency table was measured on another model ({table.model}; this one: {key}): "
                         "use a table of this model, or leave --latency-table out to measure one.")
     log.info("latency table: %s", table)
-    table.save(kept)
+    if not resumed:
+        table.save(kept)
     return table.ratio, table
 
 
 def train_mia(cfg: TrainConfig) -> None:
     """Train `cfg.model` (an mia_* model) at cost budget `cfg.budget` from the checkpoint `cfg.init`."""
     from miarobust.models import create
-    from miarobust.models.flops import VitDims, static_macs
+    from miarobust.models.flops import static_macs
     from miarobust.models.registry import read_state_dict
 
     torch.manual_seed(cfg.seed)
@@ -133,7 +133,7 @@ def train_mia(cfg: TrainConfig) -> None:
     rl_weight = float(cfg.extra.get("rl_weight", 1.0))
     flops_lambda = float(cfg.extra.get("flops_lambda", 1.0))
     kd_weight = float(cfg.extra.get("kd_weight", KD_WEIGHT))
-    cost, table = cost_ratio(cfg, backbone, teacher_backbone, full)
+    cost, table = cost_ratio(cfg, backbone, teacher_backbone, dims, full)
     baseline = {"b": None}
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
