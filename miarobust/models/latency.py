@@ -169,24 +169,25 @@ def fix_controller(mia: nn.Module):
     run, each keeping its first `heads` heads and first `tokens` patch tokens."""
     dims = VitDims.of(mia)
     state = {"structure": (dims.depth, dims.num_heads, dims.num_patches)}
-    cache: dict[tuple, torch.Tensor] = {}
+    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     for i, head in enumerate(mia.controller):
-        original = type(head).forward
+        original = type(head).parts
 
-        def forward(x: torch.Tensor, num_prefix: int, head=head, index=i, original=original) -> torch.Tensor:
+        def parts(x: torch.Tensor, num_prefix: int, head=head, index=i, original=original) -> tuple[torch.Tensor, torch.Tensor]:
             original(head, x, num_prefix)  # the controller's real cost stays in the timing
             blocks, heads, tokens = state["structure"]
             key = (index, x.shape[0], x.device, blocks, heads, tokens)
             if key not in cache:
                 big = 50.0
-                logits = torch.full((x.shape[0], 1 + dims.num_heads + x.shape[1] - num_prefix), -big, device=x.device)
-                logits[:, 0] = big if index < blocks else -big
-                logits[:, 1 : 1 + heads] = big
-                logits[:, 1 + dims.num_heads : 1 + dims.num_heads + tokens] = big
-                cache[key] = logits
+                cls = torch.full((x.shape[0], 1 + dims.num_heads), -big, device=x.device)
+                cls[:, 0] = big if index < blocks else -big
+                cls[:, 1 : 1 + heads] = big
+                patches = torch.full((x.shape[0], x.shape[1] - num_prefix, 1), -big, device=x.device)
+                patches[:, :tokens] = big
+                cache[key] = cls, patches
             return cache[key]
 
-        head.forward = forward
+        head.parts = parts
 
     def set_structure(blocks: int, heads: int, tokens: int) -> None:
         state["structure"] = (blocks, heads, tokens)

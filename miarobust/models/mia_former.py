@@ -24,7 +24,7 @@ Execution, chosen per forward:
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +117,24 @@ class GateRecord:
         }
 
 
+class _DeterministicOneRecord(GateRecord):
+    """The record of a batch-1 forward with deterministic gates (`MIAFormer._forward_one`): its logits are
+    assembled from the decision heads' outputs, and its gates drawn from them, when first read."""
+
+    def __init__(self, dims: VitDims, num_prefix: int, cls: list[torch.Tensor], tokens: list[torch.Tensor]):
+        """cls: per block (1, 1 + H) block and head logits; tokens: per block (1, patches, 1)."""
+        self.dims, self.num_prefix, self._parts = dims, num_prefix, (cls, tokens)
+
+    @cached_property
+    def logits(self) -> torch.Tensor:
+        cls, tokens = self._parts
+        return torch.cat([torch.stack(cls, 1), torch.stack(tokens, 1).squeeze(-1)], 2)
+
+    @cached_property
+    def gates(self) -> torch.Tensor:
+        return sample_gates(self.logits, GateMode.DETERMINISTIC)
+
+
 # The module tree's version: torch's global registration hooks bump it whenever any module anywhere gets a
 # submodule, parameter or buffer assigned, so facts derived from a block's layers (`MIABlock._plain`) can be
 # cached on the hot path and still follow a swapped layer.
@@ -132,9 +150,23 @@ for _register in (register_module_module_registration_hook, register_module_para
     _register(_tree_changed)
 
 
-def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """norm(x) without the module call."""
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+def _norm_args(norm: nn.LayerNorm) -> tuple:
+    """norm's arguments to torch.layer_norm: norm(x) is torch.layer_norm(x, *_norm_args(norm)), without the module call."""
+    return norm.normalized_shape, norm.weight, norm.bias, norm.eps
+
+
+class _Plain(NamedTuple):
+    """A plain block's tensors and settings as its functional ops take them (see `MIABlock._plain`)."""
+
+    norm1: tuple
+    qkv: tuple[torch.Tensor, torch.Tensor | None]
+    proj: tuple[torch.Tensor, torch.Tensor | None]
+    norm2: tuple
+    fc1: tuple[torch.Tensor, torch.Tensor | None]
+    fc2: tuple[torch.Tensor, torch.Tensor | None]
+    approximate: str
+    num_heads: int
+    head_dim: int
 
 
 def _plain_norm(norm: nn.Module) -> bool:
@@ -150,7 +182,17 @@ def _cache_key(params: list[torch.Tensor]) -> tuple | None:
     return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
 
 
-class DecisionHead(nn.Module):
+class _Uncopied:
+    """Pickles and deep copies leave out the caches named in `_caches`: keyed on this process's module
+    registrations (`_tree_version`) or storage addresses, meaningless in a copy or another process."""
+
+    _caches: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in super().__getstate__().items() if k not in self._caches}
+
+
+class DecisionHead(_Uncopied, nn.Module):
     """The controller of one block: logits for running the block, each head, and each patch token.
 
     Cost per image: dim * (1 + num_heads) for the block and head decisions (one linear on the CLS token)
@@ -158,6 +200,8 @@ class DecisionHead(nn.Module):
     Checkpoints with the block and head decisions as two linears (`block`, `heads`: before 2026-11-26) load
     too: their rows are stacked into `cls` on load.
     """
+
+    _caches = ("_args",)
 
     def __init__(self, dim: int, num_heads: int, init_bias: float = 3.0):
         super().__init__()
@@ -171,9 +215,19 @@ class DecisionHead(nn.Module):
 
     def forward(self, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
         """x (B, N, D) -> logits (B, 1 + H + N - num_prefix): the block's, each head's, each patch token's."""
-        z = _layer_norm(self.norm, x)
-        return torch.cat([F.linear(z[:, 0], self.cls.weight, self.cls.bias),
-                          F.linear(z[:, num_prefix:], self.tokens.weight, self.tokens.bias).squeeze(-1)], 1)
+        cls, tokens = self.parts(x, num_prefix)
+        return torch.cat([cls, tokens.squeeze(-1)], 1)
+
+    def parts(self, x: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same logits in two pieces, as computed: (B, 1 + H) from the CLS token, (B, N - num_prefix, 1)
+        from the patch tokens (batch-1 inference reads the second only for a block that runs)."""
+        hit = self.__dict__.get("_args")  # the tensors, read once per layer change (as MIABlock._plain)
+        if hit is None or hit[0] != _tree_version[0]:
+            hit = self.__dict__["_args"] = (_tree_version[0], _norm_args(self.norm), (self.cls.weight, self.cls.bias),
+                                            (self.tokens.weight, self.tokens.bias))
+        _, norm, cls, tokens = hit
+        z = torch.layer_norm(x, *norm)
+        return F.linear(z[:, 0], *cls), F.linear(z[:, num_prefix:], *tokens)
 
 
 def _stack_cls_decisions(state_dict: dict[str, torch.Tensor], prefix: str, *_: Any) -> None:
@@ -184,8 +238,10 @@ def _stack_cls_decisions(state_dict: dict[str, torch.Tensor], prefix: str, *_: A
             state_dict[prefix + "cls." + kind] = torch.cat([state_dict.pop(k) for k in old])
 
 
-class MIABlock(Block):
+class MIABlock(_Uncopied, Block):
     """timm's Block with two gated forwards; its own `forward` stays timm's (used by the full mode)."""
+
+    _caches = ("_plain_cache", "_slices")
 
     def _check(self) -> None:
         if not isinstance(self.attn.norm, nn.Identity) or getattr(self.attn, "gate", None) is not None:
@@ -240,26 +296,27 @@ class MIABlock(Block):
         return out
 
     def _attention(self, h: torch.Tensor, keep: list[int], key_mask: torch.Tensor | None,
-                   head_mask: torch.Tensor | None = None, plain: bool = False) -> torch.Tensor:
+                   head_mask: torch.Tensor | None = None, plain: _Plain | None = None) -> torch.Tensor:
         """Attention of the heads `keep` (indices) only, with q/k/v and proj weights sliced. h (B, M, D).
 
         head_mask (B, len(keep)), if given, zeroes heads per sample (mixed head patterns in one batch).
-        plain: q_norm and k_norm are identities (see `_plain`): not called.
+        plain: this block's tensors if it is plain (see `_plain`): q_norm and k_norm are identities, not called.
         """
         a = self.attn
+        if plain is None:
+            nh, hd, (w_qkv, b_qkv), (w_proj, b_proj) = a.num_heads, a.head_dim, (a.qkv.weight, a.qkv.bias), (a.proj.weight, a.proj.bias)
+        else:
+            nh, hd, (w_qkv, b_qkv), (w_proj, b_proj) = plain.num_heads, plain.head_dim, plain.qkv, plain.proj
         b, m, d = h.shape
         hk = len(keep)
         if hk == 0:
-            bias = a.proj.bias if a.proj.bias is not None else h.new_zeros(d)
-            return bias.expand(b, m, d)
-        if hk == a.num_heads:
-            w_qkv, b_qkv, w_proj = a.qkv.weight, a.qkv.bias, a.proj.weight
-        else:
+            return (b_proj if b_proj is not None else h.new_zeros(d)).expand(b, m, d)
+        if hk < nh:
             w_qkv, b_qkv, w_proj = self._sliced_weights(keep)
-        q, k, v = F.linear(h, w_qkv, b_qkv).reshape(b, m, 3, hk, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if not plain:
+        q, k, v = F.linear(h, w_qkv, b_qkv).reshape(b, m, 3, hk, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        if plain is None:
             q, k = a.q_norm(q), a.k_norm(k)
-        if a.fused_attn:
+        if plain is not None or a.fused_attn:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         else:
             s = q * a.scale @ k.transpose(-2, -1)
@@ -268,53 +325,53 @@ class MIABlock(Block):
             o = s.softmax(-1) @ v
         if head_mask is not None:
             o = o * head_mask[:, :, None, None].to(o.dtype)
-        return F.linear(o.transpose(1, 2).reshape(b, m, hk * a.head_dim), w_proj, a.proj.bias)
+        return F.linear(o.transpose(1, 2).reshape(b, m, hk * hd), w_proj, b_proj)
 
     def _run(self, xt: torch.Tensor, keep_head: list[int] | torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """The block on the gathered tokens xt (B, M, D); keep_head: kept head indices shared by the
         batch, or per-image head gates (B, H) as bool."""
         plain = self._plain()
-        h = _layer_norm(self.norm1, xt) if plain else self.norm1(xt)
+        h = self.norm1(xt) if plain is None else torch.layer_norm(xt, *plain.norm1)
         if isinstance(keep_head, list):  # one pattern: slice the weights
             o = self._attention(h, keep_head, key_mask, plain=plain)
         elif bool((keep_head == keep_head[:1]).all()):  # one pattern in the batch after all
             o = self._attention(h, keep_head[0].nonzero().squeeze(1).tolist(), key_mask, plain=plain)
         else:  # mixed patterns: all heads in one pass, dropped heads zeroed (per-pattern loops cost more on CPU)
             o = self._attention(h, list(range(self.attn.num_heads)), key_mask, keep_head, plain)
-        if not plain:
+        if plain is None:
             y = xt + self.ls1(o)
             return y + self.ls2(self.mlp(self.norm2(y)))
         y = xt + o
-        mlp = self.mlp
-        u = F.gelu(F.linear(_layer_norm(self.norm2, y), mlp.fc1.weight, mlp.fc1.bias), approximate=mlp.act.approximate)
-        return y + F.linear(u, mlp.fc2.weight, mlp.fc2.bias)
+        u = F.gelu(F.linear(torch.layer_norm(y, *plain.norm2), *plain.fc1), approximate=plain.approximate)
+        return F.linear(u, *plain.fc2).add_(y)  # the linear's output is this call's own tensor
 
-    def _plain(self) -> bool:
-        """Whether this block is timm's plain pre-norm block as run in eval (LayerNorms, GELU MLP, no
-        layer scale, no active dropout or drop path), so `_run` may call the functional ops directly:
-        the same kernels on the same tensors, without a module call per identity (at batch 1 on a small
-        model each call costs as much as a kernel). Cached until a layer is swapped anywhere (see
-        `_tree_version`), the train/eval mode or the attention's `fused_attn` changes; a dropout's rate
-        changed in place while training is not seen."""
+    def _plain(self) -> _Plain | None:
+        """This block's tensors if it is timm's plain pre-norm block as run in eval (LayerNorms, GELU MLP, no
+        layer scale, no active dropout or drop path), else None. `_run` then calls the functional ops
+        directly on them: the same kernels on the same tensors, without a module call per identity or an
+        attribute lookup per tensor (at batch 1 on a small model each costs as much as a kernel). Cached
+        until a layer, parameter or buffer is assigned anywhere (see `_tree_version`), the train/eval mode
+        or the attention's `fused_attn` changes; a dropout's rate changed in place while training is not seen.
+        Parameters updated in place (an optimiser step, a load) are the same tensors: nothing to refresh."""
         key = (_tree_version[0], self.training, self.attn.fused_attn)
         hit = self.__dict__.get("_plain_cache")
         if hit is None or hit[0] != key:
             hit = self.__dict__["_plain_cache"] = (key, self._derive_plain())
         return hit[1]
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle and deepcopy without the caches: `_plain_cache`'s key counts this process's module
-        registrations, meaningless in another; `_slices` is keyed on storage addresses."""
-        return {k: v for k, v in super().__getstate__().items() if k not in ("_plain_cache", "_slices")}
-
-    def _derive_plain(self) -> bool:
+    def _derive_plain(self) -> _Plain | None:
         a, mlp = self.attn, self.mlp
         inactive = [a.attn_drop, a.proj_drop, self.ls1, self.ls2, self.drop_path1, self.drop_path2,
                     a.q_norm, a.k_norm, getattr(mlp, "drop1", None), getattr(mlp, "drop2", None), getattr(mlp, "norm", None)]
-        return (_plain_norm(self.norm1) and _plain_norm(self.norm2) and type(mlp) is Mlp
-                and type(mlp.act) is nn.GELU and a.fused_attn
-                and all(type(m) is nn.Identity or (type(m) is nn.Dropout and (m.p == 0 or not self.training))
-                        for m in inactive))
+        plain = (_plain_norm(self.norm1) and _plain_norm(self.norm2) and type(mlp) is Mlp
+                 and type(mlp.act) is nn.GELU and a.fused_attn
+                 and all(type(m) is nn.Identity or (type(m) is nn.Dropout and (m.p == 0 or not self.training))
+                         for m in inactive))
+        if not plain:
+            return None
+        return _Plain(_norm_args(self.norm1), (a.qkv.weight, a.qkv.bias), (a.proj.weight, a.proj.bias),
+                      _norm_args(self.norm2), (mlp.fc1.weight, mlp.fc1.bias), (mlp.fc2.weight, mlp.fc2.bias),
+                      mlp.act.approximate, a.num_heads, a.head_dim)
 
     def forward_one(self, x: torch.Tensor, heads: list[int], tokens: list[int], inplace: bool = False) -> torch.Tensor:
         """One image x (1, N, D) through the kept heads and tokens only (indices, prefix tokens included):
@@ -363,7 +420,7 @@ class MIABlock(Block):
         return ya if every else x.index_copy(0, active, ya)
 
 
-class MIAFormer(VisionTransformer):
+class MIAFormer(_Uncopied, VisionTransformer):
     """A VisionTransformer with MIA-Former's controller. See the module docstring.
 
     Args (beyond timm's VisionTransformer):
@@ -393,9 +450,16 @@ class MIAFormer(VisionTransformer):
         self.gate_mode = GateMode.parse(mode)
         return self
 
+    _caches = ("_dims_cache",)
+
     @property
     def dims(self) -> VitDims:
-        return VitDims.of(self)
+        """The model's dimensions, cached until a layer, parameter or buffer is assigned anywhere
+        (`_tree_version`: timm's set_input_size and reset_classifier assign some)."""
+        hit = self.__dict__.get("_dims_cache")
+        if hit is None or hit[0] != _tree_version[0]:
+            hit = self.__dict__["_dims_cache"] = (_tree_version[0], VitDims.of(self))
+        return hit[1]
 
     def _masked(self) -> bool:
         if self.execution != "auto":
@@ -440,28 +504,34 @@ class MIAFormer(VisionTransformer):
     def _forward_one(self, x: torch.Tensor, dims: VitDims) -> torch.Tensor:
         """The sliced blocks for one image with no autograd: each block's decisions are read out once as
         Python values, so a block costs its kept work and its decision head, not a batch's tensor
-        bookkeeping (at batch 1 time is per operation). Same gates, same RNG stream as the batched path.
-        x is this forward's own tensor: the kept tokens' results are written into it in place."""
+        bookkeeping (at batch 1 time is per operation; the token logits are read only for a block that
+        runs). Same logits, gates and RNG stream as the batched path. x is this forward's own tensor: the
+        kept tokens' results are written into it in place."""
         h, npre = dims.num_heads, self.num_prefix_tokens
         deterministic = self.gate_mode is GateMode.DETERMINISTIC
-        logits: list[torch.Tensor] = []
+        cls: list[torch.Tensor] = []  # per block (1, 1 + H): block and head logits
+        tok: list[torch.Tensor] = []  # per block (1, patches, 1): patch-token logits
         gates: list[torch.Tensor] = []
         prefix = list(range(npre))
         for blk, head in zip(self.blocks, self.controller):
-            lg = head(x, npre)
-            logits.append(lg)
-            if deterministic:  # open where the logit is > 0 (gates drawn once, after the loop)
-                values, cut = lg[0].tolist(), 0.0
+            c, t = head.parts(x, npre)
+            cls.append(c)
+            tok.append(t)
+            if deterministic:  # open where the logit is > 0 (the gates are drawn when the record is read)
+                values, cut = c.tolist()[0], 0.0
             else:
-                gates.append(self._draw(lg, h))
-                values, cut = gates[-1][0].tolist(), 0.5
+                gates.append(self._draw(torch.cat([c, t.squeeze(-1)], 1), h))
+                values, cut = gates[-1].tolist()[0], 0.5
             if values[0] > cut:
                 heads = [i for i in range(h) if values[1 + i] > cut]
-                tokens = prefix + [npre + i for i, v in enumerate(values[1 + h :]) if v > cut]
+                patches = t.view(-1).tolist() if deterministic else values[1 + h :]
+                tokens = prefix + [npre + i for i, v in enumerate(patches) if v > cut]
                 x = blk.forward_one(x, heads, tokens, inplace=True)
-        lg = torch.stack(logits, 1)
-        g = self._draw(lg, h) if deterministic else torch.stack(gates, 1)
-        self.last = GateRecord(dims, npre, g, lg)
+        if deterministic:
+            self.last = _DeterministicOneRecord(dims, npre, cls, tok)
+        else:
+            self.last = GateRecord(dims, npre, torch.stack(gates, 1),
+                                   torch.cat([torch.stack(cls, 1), torch.stack(tok, 1).squeeze(-1)], 2))
         return x
 
 
