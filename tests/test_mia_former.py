@@ -231,6 +231,59 @@ def test_plain_follows_swapped_layers() -> None:
     assert "_plain_cache" not in vars(pickle.loads(pickle.dumps(blk))) and "_plain_cache" not in vars(copy.deepcopy(blk))
 
 
+def test_cached_tensors_follow_assigned_parameters_and_copies() -> None:
+    """Plain blocks, decision heads and the model's dims read their tensors once; a parameter or layer
+    assigned anew, an in-place update, and a deep copy's own parameters must all be what runs."""
+    import copy
+
+    _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
+    randomise_controller(mia)
+    one = x[:1]
+
+    def reference() -> torch.Tensor:  # the masked path reads every tensor through the modules
+        mia.execution = "masked"
+        with torch.no_grad():
+            y = mia(one)
+        mia.execution = "auto"
+        return y
+
+    def fast() -> torch.Tensor:
+        with torch.no_grad():
+            return mia(one)
+
+    tokens = mia._pos_embed(mia.patch_embed(one)).detach()
+
+    def head_matches(head: torch.nn.Module) -> bool:  # the logits as the head's modules compute them
+        z = head.norm(tokens)
+        expected = torch.cat([head.cls(z[:, 0]), head.tokens(z[:, 1:]).squeeze(-1)], 1)
+        return torch.allclose(head(tokens, 1), expected, atol=1e-6)
+
+    before = fast()  # fills the caches
+    assert mia.last.blocks.sum() > 0
+    head = mia.controller[1]
+    for blk in mia.blocks:
+        blk.mlp.fc2.weight = torch.nn.Parameter(blk.mlp.fc2.weight * 1.5)  # assigned anew
+    head.cls.bias = torch.nn.Parameter(head.cls.bias + 0.3)
+    with torch.no_grad():
+        assert head_matches(head)
+    after = fast()
+    assert not torch.allclose(before, after) and (after - reference()).abs().max().item() <= 1e-5
+    with torch.no_grad():  # in place: the same tensors
+        for blk in mia.blocks:
+            blk.attn.qkv.weight.mul_(0.7)
+        head.norm.weight.mul_(1.3)
+        assert head_matches(head)
+    assert (fast() - reference()).abs().max().item() <= 1e-5
+    copied = copy.deepcopy(mia)
+    assert not any(k in vars(m) for m in copied.modules() for k in ("_plain_cache", "_slices", "_args", "_dims_cache"))
+    with torch.no_grad():
+        for p in copied.parameters():
+            p.mul_(0.9)
+        assert not torch.allclose(copied(one), mia(one))  # the copy runs on its own tensors
+    mia.reset_classifier(5)
+    assert mia.dims.head_macs == mia.embed_dim * 5 and fast().shape == (1, 5)
+
+
 def test_decision_heads_of_the_earlier_layout_load() -> None:
     """Checkpoints whose controller had separate `block` and `heads` linears load into `cls`, same logits."""
     _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
