@@ -23,6 +23,7 @@ Execution, chosen per forward:
 
 from __future__ import annotations
 
+from array import array
 from functools import cached_property
 from typing import Any, NamedTuple
 
@@ -153,6 +154,13 @@ for _register in (register_module_module_registration_hook, register_module_para
 def _norm_args(norm: nn.LayerNorm) -> tuple:
     """norm's arguments to torch.layer_norm: norm(x) is torch.layer_norm(x, *_norm_args(norm)), without the module call."""
     return norm.normalized_shape, norm.weight, norm.bias, norm.eps
+
+
+def _long_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """torch.tensor(values) as int64 on `device`, read from a buffer: torch.tensor converts a list element by
+    element (20 us for 150 indices on this project's CPU, against 3 us)."""
+    idx = torch.frombuffer(array("q", values), dtype=torch.int64)
+    return idx if device.type == "cpu" else idx.to(device)
 
 
 class _Plain(NamedTuple):
@@ -381,7 +389,7 @@ class MIABlock(_Uncopied, Block):
         if len(tokens) == x.shape[1]:
             return self._run(x, heads, None)
         rows = x[0]  # (N, D): gathering rows of a matrix is the fast path of index_select / index_copy
-        idx = torch.tensor(tokens, device=x.device)
+        idx = _long_tensor(tokens, x.device)
         y = self._run(rows.index_select(0, idx)[None], heads, None)[0]
         return (rows.index_copy_(0, idx, y) if inplace else rows.index_copy(0, idx, y))[None]
 
