@@ -24,6 +24,7 @@ Execution, chosen per forward:
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
 from functools import cached_property
 from typing import Any, NamedTuple
 
@@ -199,6 +200,13 @@ class _Uncopied:
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in super().__getstate__().items() if k not in self._caches}
 
+    def _memo(self, name: str, key: Any, derive: Callable[[], Any]) -> Any:
+        """The value cached as `name` (one of `_caches`) under `key`, derived anew when the key changed."""
+        hit = self.__dict__.get(name)
+        if hit is None or hit[0] != key:
+            hit = self.__dict__[name] = (key, derive())
+        return hit[1]
+
 
 class DecisionHead(_Uncopied, nn.Module):
     """The controller of one block: logits for running the block, each head, and each patch token.
@@ -223,17 +231,18 @@ class DecisionHead(_Uncopied, nn.Module):
 
     def forward(self, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
         """x (B, N, D) -> logits (B, 1 + H + N - num_prefix): the block's, each head's, each patch token's."""
-        cls, tokens = self.parts(x, num_prefix)
+        return self.join(*self.parts(x, num_prefix))
+
+    @staticmethod
+    def join(cls: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """`parts`' two pieces as one logits row per image, (B, 1 + H + N - num_prefix)."""
         return torch.cat([cls, tokens.squeeze(-1)], 1)
 
     def parts(self, x: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The same logits in two pieces, as computed: (B, 1 + H) from the CLS token, (B, N - num_prefix, 1)
         from the patch tokens (batch-1 inference reads the second only for a block that runs)."""
-        hit = self.__dict__.get("_args")  # the tensors, read once per layer change (as MIABlock._plain)
-        if hit is None or hit[0] != _tree_version[0]:
-            hit = self.__dict__["_args"] = (_tree_version[0], _norm_args(self.norm), (self.cls.weight, self.cls.bias),
-                                            (self.tokens.weight, self.tokens.bias))
-        _, norm, cls, tokens = hit
+        norm, cls, tokens = self._memo("_args", _tree_version[0], lambda: (  # read once per layer change
+            _norm_args(self.norm), (self.cls.weight, self.cls.bias), (self.tokens.weight, self.tokens.bias)))
         z = torch.layer_norm(x, *norm)
         return F.linear(z[:, 0], *cls), F.linear(z[:, num_prefix:], *tokens)
 
@@ -361,11 +370,7 @@ class MIABlock(_Uncopied, Block):
         until a layer, parameter or buffer is assigned anywhere (see `_tree_version`), the train/eval mode
         or the attention's `fused_attn` changes; a dropout's rate changed in place while training is not seen.
         Parameters updated in place (an optimiser step, a load) are the same tensors: nothing to refresh."""
-        key = (_tree_version[0], self.training, self.attn.fused_attn)
-        hit = self.__dict__.get("_plain_cache")
-        if hit is None or hit[0] != key:
-            hit = self.__dict__["_plain_cache"] = (key, self._derive_plain())
-        return hit[1]
+        return self._memo("_plain_cache", (_tree_version[0], self.training, self.attn.fused_attn), self._derive_plain)
 
     def _derive_plain(self) -> _Plain | None:
         a, mlp = self.attn, self.mlp
@@ -464,10 +469,7 @@ class MIAFormer(_Uncopied, VisionTransformer):
     def dims(self) -> VitDims:
         """The model's dimensions, cached until a layer, parameter or buffer is assigned anywhere
         (`_tree_version`: timm's set_input_size and reset_classifier assign some)."""
-        hit = self.__dict__.get("_dims_cache")
-        if hit is None or hit[0] != _tree_version[0]:
-            hit = self.__dict__["_dims_cache"] = (_tree_version[0], VitDims.of(self))
-        return hit[1]
+        return self._memo("_dims_cache", _tree_version[0], lambda: VitDims.of(self))
 
     def _masked(self) -> bool:
         if self.execution != "auto":
@@ -517,18 +519,20 @@ class MIAFormer(_Uncopied, VisionTransformer):
         kept tokens' results are written into it in place."""
         h, npre = dims.num_heads, self.num_prefix_tokens
         deterministic = self.gate_mode is GateMode.DETERMINISTIC
-        cls: list[torch.Tensor] = []  # per block (1, 1 + H): block and head logits
-        tok: list[torch.Tensor] = []  # per block (1, patches, 1): patch-token logits
+        cls: list[torch.Tensor] = []  # deterministic, per block (1, 1 + H): block and head logits
+        tok: list[torch.Tensor] = []  # deterministic, per block (1, patches, 1): patch-token logits
+        logits: list[torch.Tensor] = []  # stochastic, per block (1, 1 + H + patches), and the gates drawn from them
         gates: list[torch.Tensor] = []
         prefix = list(range(npre))
         for blk, head in zip(self.blocks, self.controller):
             c, t = head.parts(x, npre)
-            cls.append(c)
-            tok.append(t)
             if deterministic:  # open where the logit is > 0 (the gates are drawn when the record is read)
+                cls.append(c)
+                tok.append(t)
                 values, cut = c.tolist()[0], 0.0
             else:
-                gates.append(self._draw(torch.cat([c, t.squeeze(-1)], 1), h))
+                logits.append(head.join(c, t))
+                gates.append(self._draw(logits[-1], h))
                 values, cut = gates[-1].tolist()[0], 0.5
             if values[0] > cut:
                 heads = [i for i in range(h) if values[1 + i] > cut]
@@ -538,8 +542,7 @@ class MIAFormer(_Uncopied, VisionTransformer):
         if deterministic:
             self.last = _DeterministicOneRecord(dims, npre, cls, tok)
         else:
-            self.last = GateRecord(dims, npre, torch.stack(gates, 1),
-                                   torch.cat([torch.stack(cls, 1), torch.stack(tok, 1).squeeze(-1)], 2))
+            self.last = GateRecord(dims, npre, torch.stack(gates, 1), torch.stack(logits, 1))
         return x
 
 
