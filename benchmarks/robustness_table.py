@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from miarobust.stats import paired_drop_p
+from miarobust.stats import paired_drop_p, paired_mean_diff
 
 
 def cells(n: int, aa_n: int, aa_rand_n: int, eval_samples: int) -> list[tuple[str, list[str]]]:
@@ -87,16 +87,45 @@ def main() -> None:
         print("| gated vs static | eps | n | robust % (gated, static) | robust under gated only | under static only | two-sided p |")
         print("|---|---|---|---|---|---|---|")
         print("\n".join(lines))
+    lines = [paired_fractional(name_a, name_b, eps, folders[name_a, eps], folders[name_b, eps])
+             for name_a, name_b in PAIRED_STOCHASTIC for eps in eps_list
+             if (name_a, eps) in folders and (name_b, eps) in folders]
+    if lines:
+        print("\nThe stochastic model (per image: the share of 10 gate draws it gets right) against another row on the "
+              "same images: mean difference with its 95% interval and two-sided p (paired, normal approximation):\n")
+        print("| stochastic gated vs | eps | n | robust % (stochastic, other) | difference, points [95% CI] | two-sided p |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(lines))
 
 
 # deterministic gates against the static model: the same images, 0/1 outcomes, so a paired test applies
 PAIRED = [("MIA deterministic, PGD", "vit_fmnist, PGD"), ("MIA deterministic, AutoAttack", "vit_fmnist, AutoAttack")]
 
 
+# the stochastic model's per-image outcome is a probability over gate draws: compared by the mean difference
+PAIRED_STOCHASTIC = [("MIA stochastic, autoattack-rand", "vit_fmnist, AutoAttack"),
+                     ("MIA stochastic, autoattack-rand", "MIA deterministic, AutoAttack"),
+                     ("MIA stochastic, EOT-PGD K=16", "vit_fmnist, PGD")]
+
+
+def _shared(folder_a: Path, folder_b: Path) -> pd.DataFrame:
+    """The two runs' per-image robust outcomes (robust_a, robust_b) on the images both evaluated."""
+    a, b = (pd.read_csv(f / "samples.csv", usecols=["index", "robust"]) for f in (folder_a, folder_b))
+    return a.merge(b, on="index", suffixes=("_a", "_b"))
+
+
+def paired_fractional(name_a: str, name_b: str, eps: str, folder_a: Path, folder_b: Path) -> str:
+    """One markdown row: mean per-image difference of robust outcomes in [0, 1], its interval and p."""
+    both = _shared(folder_a, folder_b)
+    diff, lo, hi, p = paired_mean_diff(both.robust_a.tolist(), both.robust_b.tolist())
+    label = f"{name_a.split(', ', 1)[1]} vs {name_b}"
+    return (f"| {label} | {eps} | {len(both)} | {100 * both.robust_a.mean():.1f}, {100 * both.robust_b.mean():.1f} "
+            f"| {100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | {p:.3g} |")
+
+
 def paired(name_a: str, name_b: str, eps: str, folder_a: Path, folder_b: Path) -> str:
     """One markdown row: the two runs' per-image robust outcomes on their shared images, and McNemar's p."""
-    a, b = (pd.read_csv(f / "samples.csv", usecols=["index", "robust"]) for f in (folder_a, folder_b))
-    both = a.merge(b, on="index", suffixes=("_a", "_b"))
+    both = _shared(folder_a, folder_b)
     only_a = int(((both.robust_a >= 0.5) & (both.robust_b < 0.5)).sum())
     only_b = int(((both.robust_a < 0.5) & (both.robust_b >= 0.5)).sum())
     p = min(1.0, 2 * min(paired_drop_p(only_a, only_b), paired_drop_p(only_b, only_a)))

@@ -43,3 +43,21 @@ def paired_drop_p(only_base: int, only_new: int) -> float:
         return 1.0
     # P(X >= only_base) for X ~ Binomial(n, 1/2)
     return sum(math.comb(n, k) for k in range(only_base, n + 1)) / 2**n
+
+
+def paired_mean_diff(a: list[float], b: list[float], z: float = Z95) -> tuple[float, float, float, float]:
+    """Mean of a - b over paired samples, its 95% interval and the two-sided p-value that it is 0 (normal
+    approximation of the paired t-test). For per-sample outcomes in [0, 1] that need not be 0/1, such as a
+    stochastic model's probability of a correct answer over gate draws, where McNemar's test does not apply.
+    """
+    n = len(a)
+    if n != len(b):
+        raise ValueError(f"paired samples of different lengths: {n} and {len(b)}")
+    if n < 2:
+        return (a[0] - b[0] if n else 0.0, -1.0, 1.0, 1.0)
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n)
+    if se == 0:
+        return (mean, mean, mean, 1.0 if mean == 0 else 0.0)
+    return (mean, mean - z * se, mean + z * se, min(1.0, 2 * normal_sf(abs(mean) / se)))
