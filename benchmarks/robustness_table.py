@@ -1,12 +1,13 @@
 """Does MIA-Former's robustness gain survive adaptive attacks? The grid of issue 4, as one markdown table.
 
 For each eps, `mia_vit_fmnist` in stochastic mode under non-adaptive PGD, EOT-PGD (K = 1, 4, 16),
-BPDA-PGD (straight-through gates, EOT 4), transfer from `vit_fmnist`, and (at --aa-rand-n images) autoattack-rand;
+BPDA-PGD (straight-through gates, EOT 4), transfer from `vit_fmnist`, (at --aa-rand-n images) autoattack-rand and
+(at --aa-eot-n images, if given) standard AutoAttack through EOT over 4 gate draws;
 beside the same model with deterministic gates (PGD, BPDA-PGD, AutoAttack: is a gain the randomness's or
 the weights'?) and the static `vit_fmnist` under PGD and (at --aa-n images) AutoAttack standard. Each cell is one
 `miarobust run` (results under --out, resumable); the table is read from the runs' summary.json files.
 
-    python benchmarks/robustness_table.py [--n 1000] [--aa-n 100] [--aa-rand-n 30] [--eval-samples 10]
+    python benchmarks/robustness_table.py [--n 1000] [--aa-n 100] [--aa-rand-n 30] [--aa-eot-n 0] [--eval-samples 10]
         [--eps 1/255,2/255,4/255,8/255] [--out results/grid] [--rows REGEX] [--only-table]
 """
 
@@ -25,10 +26,11 @@ import pandas as pd
 from miarobust.stats import paired_drop_p, paired_mean_diff
 
 
-def cells(n: int, aa_n: int, aa_rand_n: int, eval_samples: int) -> list[tuple[str, list[str]]]:
+def cells(n: int, aa_n: int, aa_rand_n: int, eval_samples: int, aa_eot_n: int = 0) -> list[tuple[str, list[str]]]:
+    """(row name, `miarobust run` arguments) of every cell at one eps; rows with n = 0 are left out."""
     mia = ["--model", "mia_vit_fmnist", "--gate-mode", "stochastic", "--eval-samples", str(eval_samples)]
     det = ["--model", "mia_vit_fmnist", "--gate-mode", "deterministic"]  # the control: same weights, no randomness
-    return [
+    rows = [
         ("MIA stochastic, PGD (non-adaptive)", mia + ["--attack", "pgd", "--n", str(n)]),
         ("MIA stochastic, EOT-PGD K=4", mia + ["--attack", "eot-pgd", "--eot", "4", "--n", str(n)]),
         ("MIA stochastic, BPDA-PGD K=4", mia + ["--attack", "bpda-pgd", "--eot", "4", "--n", str(n)]),
@@ -36,12 +38,15 @@ def cells(n: int, aa_n: int, aa_rand_n: int, eval_samples: int) -> list[tuple[st
         ("MIA stochastic, EOT-PGD K=1", mia + ["--attack", "eot-pgd", "--eot", "1", "--n", str(n)]),
         ("MIA stochastic, EOT-PGD K=16", mia + ["--attack", "eot-pgd", "--eot", "16", "--n", str(n)]),
         ("MIA stochastic, autoattack-rand", mia + ["--attack", "autoattack-rand", "--n", str(aa_rand_n)]),
+        # standard AutoAttack (targeted APGD, FAB, Square too) on the EOT model: what the rand version leaves out
+        ("MIA stochastic, AutoAttack EOT K=4", mia + ["--attack", "autoattack", "--eot", "4", "--n", str(aa_eot_n)]),
         ("MIA deterministic, PGD", det + ["--attack", "pgd", "--n", str(n)]),
         ("MIA deterministic, BPDA-PGD", det + ["--attack", "bpda-pgd", "--n", str(n)]),
         ("MIA deterministic, AutoAttack", det + ["--attack", "autoattack", "--n", str(aa_n)]),
         ("vit_fmnist, PGD", ["--model", "vit_fmnist", "--attack", "pgd", "--n", str(n)]),
         ("vit_fmnist, AutoAttack", ["--model", "vit_fmnist", "--attack", "autoattack", "--n", str(aa_n)]),
     ]
+    return [(name, argv) for name, argv in rows if int(argv[argv.index("--n") + 1]) > 0]
 
 
 def main() -> None:
@@ -49,6 +54,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--aa-n", type=int, default=100, help="images for AutoAttack on the static model")
     ap.add_argument("--aa-rand-n", type=int, default=30, help="images for autoattack-rand (EOT 20: costly)")
+    ap.add_argument("--aa-eot-n", type=int, default=0, help="images for standard AutoAttack with EOT 4 on the "
+                    "stochastic model (0: leave the row out)")
     ap.add_argument("--eps", default="1/255,2/255,4/255,8/255")
     ap.add_argument("--eval-samples", type=int, default=10)
     ap.add_argument("--out", default="results/grid")
@@ -61,7 +68,7 @@ def main() -> None:
     table: dict[str, dict[str, str]] = {}
     folders: dict[tuple[str, str], Path] = {}  # (row, eps) -> run folder, for the paired comparisons
     for eps in eps_list:
-        for name, argv in cells(args.n, args.aa_n, args.aa_rand_n, args.eval_samples):
+        for name, argv in cells(args.n, args.aa_n, args.aa_rand_n, args.eval_samples, args.aa_eot_n):
             cmd = [sys.executable, "-m", "miarobust", "run", *argv, "--eps", eps, "--data", "embedded",
                    "--checks", "off", "--out", args.out]
             if not args.only_table and (args.rows is None or re.search(args.rows, name)):
@@ -105,6 +112,7 @@ PAIRED = [("MIA deterministic, PGD", "vit_fmnist, PGD"), ("MIA deterministic, Au
 # the stochastic model's per-image outcome is a probability over gate draws: compared by the mean difference
 PAIRED_STOCHASTIC = [("MIA stochastic, autoattack-rand", "vit_fmnist, AutoAttack"),
                      ("MIA stochastic, autoattack-rand", "MIA deterministic, AutoAttack"),
+                     ("MIA stochastic, AutoAttack EOT K=4", "MIA deterministic, AutoAttack"),
                      ("MIA stochastic, EOT-PGD K=16", "vit_fmnist, PGD")]
 
 
