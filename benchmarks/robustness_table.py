@@ -98,8 +98,8 @@ def main() -> None:
              for name_a, name_b in PAIRED_STOCHASTIC for eps in eps_list
              if (name_a, eps) in folders and (name_b, eps) in folders]
     if lines:
-        print("\nThe stochastic model (per image: the share of 10 gate draws it gets right) against another row on the "
-              "same images: mean difference with its 95% interval and two-sided p (paired, normal approximation):\n")
+        print(f"\nThe stochastic model (per image: the share of {args.eval_samples} gate draws it gets right) against "
+              "another row on the same images: mean difference with its 95% interval and two-sided p (paired, normal approximation):\n")
         print("| stochastic gated vs | eps | n | robust % (stochastic, other) | difference, points [95% CI] | two-sided p |")
         print("|---|---|---|---|---|---|")
         print("\n".join(lines))
@@ -113,6 +113,7 @@ PAIRED = [("MIA deterministic, PGD", "vit_fmnist, PGD"), ("MIA deterministic, Au
 PAIRED_STOCHASTIC = [("MIA stochastic, autoattack-rand", "vit_fmnist, AutoAttack"),
                      ("MIA stochastic, autoattack-rand", "MIA deterministic, AutoAttack"),
                      ("MIA stochastic, AutoAttack EOT K=4", "MIA deterministic, AutoAttack"),
+                     ("MIA stochastic, AutoAttack EOT K=4", "MIA stochastic, autoattack-rand"),
                      ("MIA stochastic, EOT-PGD K=16", "vit_fmnist, PGD")]
 
 
