@@ -19,6 +19,7 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -87,23 +88,28 @@ def main() -> None:
     print("|---|---|" + "---|" * len(eps_list))
     for name, row in table.items():
         print(f"| {name} | {row.get('clean', '-')} | " + " | ".join(row.get(e, "-") for e in eps_list) + " |")
-    lines = [paired(name_a, name_b, eps, folders[name_a, eps], folders[name_b, eps])
-             for name_a, name_b in PAIRED for eps in eps_list if (name_a, eps) in folders and (name_b, eps) in folders]
-    if lines:
-        print("\nPaired on the same images (exact McNemar test on the images robust under one model only):\n")
-        print("| gated vs static | eps | n | robust % (gated, static) | robust under gated only | under static only | two-sided p |")
-        print("|---|---|---|---|---|---|---|")
-        print("\n".join(lines))
-    lines = [paired_fractional(name_a, name_b, eps, folders[name_a, eps], folders[name_b, eps])
-             for name_a, name_b in PAIRED_STOCHASTIC for eps in eps_list
-             if (name_a, eps) in folders and (name_b, eps) in folders]
-    if lines:
-        print(f"\nThe stochastic model (per image: the share of {args.eval_samples} gate draws it gets right) against "
-              "another row on the same images: mean difference with its 95% interval and two-sided p (paired, normal approximation):\n")
-        print("| stochastic gated vs | eps | n | robust % (stochastic, other) | difference, points [95% CI] | two-sided p |")
-        print("|---|---|---|---|---|---|")
-        print("\n".join(lines))
+    print_pairs(PAIRED, paired, folders, eps_list,
+                "Paired on the same images (exact McNemar test on the images robust under one model only):",
+                ["gated vs static", "eps", "n", "robust % (gated, static)", "robust under gated only",
+                 "under static only", "two-sided p"])
+    print_pairs(PAIRED_STOCHASTIC, paired_fractional, folders, eps_list,
+                f"The stochastic model (per image: the share of {args.eval_samples} gate draws it gets right) against "
+                "another row on the same images: mean difference with its 95% interval and two-sided p (paired, "
+                "normal approximation):",
+                ["stochastic gated vs", "eps", "n", "robust % (stochastic, other)", "difference, points [95% CI]",
+                 "two-sided p"])
 
+
+def print_pairs(pairs: list[tuple[str, str]], row: Callable[[str, str, str, Path, Path], str],
+                folders: dict[tuple[str, str], Path], eps_list: list[str], intro: str, columns: list[str]) -> None:
+    """One markdown table of `row` for each (row a, row b) pair and eps whose two runs both exist (none: nothing)."""
+    lines = [row(name_a, name_b, eps, folders[name_a, eps], folders[name_b, eps])
+             for name_a, name_b in pairs for eps in eps_list if (name_a, eps) in folders and (name_b, eps) in folders]
+    if lines:
+        print(f"\n{intro}\n")
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---|" * len(columns))
+        print("\n".join(lines))
 
 # deterministic gates against the static model: the same images, 0/1 outcomes, so a paired test applies
 PAIRED = [("MIA deterministic, PGD", "vit_fmnist, PGD"), ("MIA deterministic, AutoAttack", "vit_fmnist, AutoAttack")]
