@@ -16,7 +16,7 @@ Calls alternate between the two sides and the median of --reps repetitions is re
 shared machine cancels. Robust accuracy of a stochastic model is the mean over --eval-samples gate draws
 per image, as in the evaluator, with a 95% Wilson interval. Prints markdown tables.
 
-    python benchmarks/bench_attacks.py [-n 200] [--batch-size 100] [--steps 10] [--reps 3] [--threads 2]
+    python benchmarks/bench_attacks.py [-n 200] [--batch-size 100] [--steps 10] [--reps 3] [--threads 2] [--mia-checkpoint NAME]
         [--chunks 64,128,256,512,1024]
 """
 
@@ -40,8 +40,8 @@ from miarobust.stats import wilson
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def load(name: str, gate_mode: str | None = None) -> tuple[Normalized, torch.nn.Module]:
-    model = create(name, gate_mode=gate_mode)
+def load(name: str, gate_mode: str | None = None, checkpoint: str | None = None) -> tuple[Normalized, torch.nn.Module]:
+    model = create(name, checkpoint=checkpoint, gate_mode=gate_mode)
     if model.checkpoint is None:
         print(f"note: {name} has no weights here; timing a randomly initialised model")
     net = Normalized(model).eval()
@@ -110,6 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="vit_fmnist", help="model for pgd vs torchattacks.PGD")
     ap.add_argument("--mia-model", default="mia_vit_fmnist", help="stochastic model for eot-pgd vs EOTPGD")
+    ap.add_argument("--mia-checkpoint", default=None, help="its weights, a file or shipped name (default: its default)")
     ap.add_argument("-n", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--eps", type=float, default=8 / 255)
@@ -133,7 +134,7 @@ def main() -> None:
     theirs = torchattacks.PGD(net, eps=a.eps, alpha=cfg.step_size, steps=a.steps, random_start=True)
     rows = [compare("pgd vs torchattacks.PGD", ours, theirs, net, x, y, a.batch_size, a.reps, 1)]
 
-    mia_net, mia = load(a.mia_model, gate_mode="stochastic")
+    mia_net, mia = load(a.mia_model, gate_mode="stochastic", checkpoint=a.mia_checkpoint)
     chunk = default_chunk("cpu")
     ecfg = AttackConfig(eps=a.eps, steps=a.steps, eot=a.eot, eot_chunk=chunk)
     ours = build_attack(get_attack("eot-pgd", ecfg), Victim(mia_net, mia), ecfg)

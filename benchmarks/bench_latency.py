@@ -11,7 +11,7 @@ the table that latency-aware training relies on. Static and MIA forwards are int
 median of each is compared, so machine drift cancels. Goal (issue 3): at batch 1, time ratio <= MACs
 ratio + 0.10.
 
-    python benchmarks/bench_latency.py [--reps 20] [--threads 2] [--part all|deit|fmnist] [--checkpoint PATH ...]
+    python benchmarks/bench_latency.py [--reps 20] [--threads 2] [--part all|deit|fmnist] [--checkpoint PATH_OR_NAME ...]
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def fixed_structure(dims: VitDims, target: float, mix: str) -> tuple[int, int, i
     """(blocks run, heads kept, patch tokens kept) with a MACs ratio (controller included) closest to target.
 
     mix 'all': blocks and heads each keep about target^(1/3) of their number, as a trained controller
-    spreads its savings over the three grains (the shipped mia_vit_fmnist keeps 0.83 of its blocks, 0.90
-    of the heads and 0.84 of the tokens at 0.65); 'heads+tokens': every block runs and heads keep about
+    spreads its savings over the three grains (the MACs-trained mia_vit_fmnist_b07 keeps 0.83 of its blocks,
+    0.90 of the heads and 0.84 of the tokens at 0.65); 'heads+tokens': every block runs and heads keep about
     sqrt(target). The token count closes the gap in both.
     """
     full = static_macs(dims)
@@ -99,7 +99,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--part", choices=["all", "deit", "fmnist"], default="all")
     ap.add_argument("--checkpoint", action="append", default=[],
-                    help="mia_vit_fmnist checkpoint to time besides the shipped ones (repeatable)")
+                    help="mia_vit_fmnist checkpoint (file or shipped name) to time besides the shipped ones "
+                    "(repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -123,13 +124,14 @@ def main() -> None:
 
     from miarobust.data import Geometry, embedded
     from miarobust.models import create
-    from miarobust.models.vit import shipped_checkpoint
 
     st = create("vit_fmnist")
     data = embedded(None, "test", Geometry.of(st))
     images = torch.stack([data[i][0] for i in range(64)])
     mean, std = st.pretrained_cfg["mean"][0], st.pretrained_cfg["std"][0]
-    checkpoints = [("default, MACs budget 0.7", None), ("MACs budget 0.5", shipped_checkpoint("mia_vit_fmnist_b05.safetensors"))]
+    checkpoints = [("default: latency budget 0.76, mia_vit_fmnist_lat076", None),
+                   ("MACs budget 0.7, mia_vit_fmnist_b07", "mia_vit_fmnist_b07"),
+                   ("MACs budget 0.5, mia_vit_fmnist_b05", "mia_vit_fmnist_b05")]
     checkpoints += [(Path(c).name, c) for c in args.checkpoint]
     table = LatencyTable.measure(create("mia_vit_fmnist"), st) if args.part in ("all", "fmnist") else None
     for label, checkpoint in checkpoints if table is not None else ():

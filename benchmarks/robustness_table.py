@@ -8,12 +8,13 @@ the weights'?) and the static `vit_fmnist` under PGD and (at --aa-n images) Auto
 `miarobust run` (results under --out, resumable); the table is read from the runs' summary.json files.
 
     python benchmarks/robustness_table.py [--n 1000] [--aa-n 100] [--aa-rand-n 30] [--aa-eot-n 0] [--eval-samples 10]
-        [--eps 1/255,2/255,4/255,8/255] [--out results/grid] [--rows REGEX] [--only-table]
+        [--eps 1/255,2/255,4/255,8/255] [--checkpoint FILE_OR_NAME] [--out results/grid] [--rows REGEX] [--only-table]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import shlex
@@ -27,10 +28,15 @@ import pandas as pd
 from miarobust.stats import paired_drop_p, paired_mean_diff
 
 
-def cells(n: int, aa_n: int, aa_rand_n: int, eval_samples: int, aa_eot_n: int = 0) -> list[tuple[str, list[str]]]:
-    """(row name, `miarobust run` arguments) of every cell at one eps; rows with n = 0 are left out."""
-    mia = ["--model", "mia_vit_fmnist", "--gate-mode", "stochastic", "--eval-samples", str(eval_samples)]
-    det = ["--model", "mia_vit_fmnist", "--gate-mode", "deterministic"]  # the control: same weights, no randomness
+def cells(n: int, aa_n: int, aa_rand_n: int, eval_samples: int, aa_eot_n: int = 0,
+          checkpoint: str | None = None) -> list[tuple[str, list[str]]]:
+    """(row name, `miarobust run` arguments) of every cell at one eps; rows with n = 0 are left out.
+
+    `checkpoint`: the MIA weights (a file or shipped name; None: the model's default weights).
+    """
+    weights = ["--checkpoint", checkpoint] if checkpoint else []
+    mia = ["--model", "mia_vit_fmnist", *weights, "--gate-mode", "stochastic", "--eval-samples", str(eval_samples)]
+    det = ["--model", "mia_vit_fmnist", *weights, "--gate-mode", "deterministic"]  # the control: same weights
     rows = [
         ("MIA stochastic, PGD (non-adaptive)", mia + ["--attack", "pgd", "--n", str(n)]),
         ("MIA stochastic, EOT-PGD K=4", mia + ["--attack", "eot-pgd", "--eot", "4", "--n", str(n)]),
@@ -58,6 +64,8 @@ def main() -> None:
     ap.add_argument("--aa-eot-n", type=int, default=0, help="images for standard AutoAttack with EOT 4 on the "
                     "stochastic model (0: leave the row out)")
     ap.add_argument("--eps", default="1/255,2/255,4/255,8/255")
+    ap.add_argument("--checkpoint", default=None, help="mia_vit_fmnist weights, a file or shipped name (default: "
+                    "its default weights); RESULTS.md's grid is of mia_vit_fmnist_b07")
     ap.add_argument("--eval-samples", type=int, default=10)
     ap.add_argument("--out", default="results/grid")
     ap.add_argument("--only-table", action="store_true", help="read finished runs, run nothing")
@@ -69,7 +77,7 @@ def main() -> None:
     table: dict[str, dict[str, str]] = {}
     folders: dict[tuple[str, str], Path] = {}  # (row, eps) -> run folder, for the paired comparisons
     for eps in eps_list:
-        for name, argv in cells(args.n, args.aa_n, args.aa_rand_n, args.eval_samples, args.aa_eot_n):
+        for name, argv in cells(args.n, args.aa_n, args.aa_rand_n, args.eval_samples, args.aa_eot_n, args.checkpoint):
             cmd = [sys.executable, "-m", "miarobust", "run", *argv, "--eps", eps, "--data", "embedded",
                    "--checks", "off", "--out", args.out]
             if not args.only_table and (args.rows is None or re.search(args.rows, name)):
@@ -150,11 +158,15 @@ def paired(name_a: str, name_b: str, eps: str, folder_a: Path, folder_b: Path) -
 
 
 def find_summary(out: Path, argv: list[str], eps: str) -> tuple[Path, dict] | None:
-    """(folder, summary) of the finished run with these arguments (matched on its config.json and summary.json)."""
+    """(folder, summary) of the finished run with these arguments (matched on its config.json and summary.json,
+    the weights on their SHA-256)."""
     want = dict(zip(argv[::2], argv[1::2]))
+    weights = weights_sha256(want["--model"], want.get("--checkpoint"))
     for path in out.glob("*/summary.json"):
         cfg = json.loads((path.parent / "config.json").read_text())
         if cfg["model"] != want["--model"] or cfg["eps_text"] != eps or list(cfg["attacks"]) != [want["--attack"]]:
+            continue
+        if cfg.get("weights_sha256") != weights:
             continue
         if cfg["n"] != int(want["--n"]) or cfg.get("gate_mode") != want.get("--gate-mode", cfg.get("gate_mode")):
             continue
@@ -164,6 +176,18 @@ def find_summary(out: Path, argv: list[str], eps: str) -> tuple[Path, dict] | No
             continue
         return path.parent, summary
     return None
+
+
+@functools.cache
+def weights_sha256(model: str, checkpoint: str | None) -> str | None:
+    """SHA-256 of the weights `miarobust run --model model [--checkpoint checkpoint]` loads."""
+    import timm
+
+    import miarobust.models  # noqa: F401  (registers the models)
+    from miarobust.models.registry import file_sha256, resolve_checkpoint
+
+    path = resolve_checkpoint(checkpoint) if checkpoint else timm.create_model(model).pretrained_cfg.get("file")
+    return file_sha256(path) if path else None
 
 
 if __name__ == "__main__":

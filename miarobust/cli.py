@@ -67,7 +67,7 @@ def model_option(default: str | None) -> Any:
 
 @cli.command("run")
 @model_option("mia_vit_fmnist")
-@click.option("--checkpoint", default=None, help="Weights file (.safetensors or timm .pth); default: the shipped weights.")
+@click.option("--checkpoint", default=None, help="Weights file (.safetensors or timm .pth) or a shipped name (e.g. mia_vit_fmnist_b05); default: the model's shipped weights.")
 @click.option("--gate-mode", default=None, help="MIA-Former gates: full, deterministic (default) or stochastic.")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size (default: the model's).")
 @click.option("--img-size", type=click.IntRange(min=8), default=None, help="Input size (default: the model's).")
@@ -151,15 +151,28 @@ def format_summary(folder: Any, s: dict[str, Any]) -> str:
 
 
 @cli.command("list")
-@click.argument("what", type=click.Choice(["all", "models", "attacks", "datasets"]), default="all")
+@click.argument("what", type=click.Choice(["all", "models", "checkpoints", "attacks", "datasets"]), default="all")
 def list_cmd(what: str) -> None:
-    """List models, attacks and data sets."""
+    """List models, shipped checkpoints, attacks and data sets."""
     if what in ("all", "models"):
         from miarobust.models import model_names
 
         click.echo("models:")
         for name in model_names():
             click.echo(f"  {name}")
+    if what in ("all", "checkpoints"):
+        from pathlib import Path
+
+        import timm
+
+        from miarobust.models import model_names
+        from miarobust.models.registry import shipped_names
+
+        defaults = {Path(timm.create_model(m).pretrained_cfg["file"]).stem: m for m in ("vit_fmnist", "mia_vit_fmnist")}
+        click.echo("checkpoints (--checkpoint NAME):")
+        for name in shipped_names():
+            model = max((m for m in model_names() if name.startswith(m)), key=len, default="?")
+            click.echo(f"  {name:<22} {model}" + (" (its default weights)" if name in defaults else ""))
     if what in ("all", "attacks"):
         from miarobust.attacks import ATTACKS
 

@@ -52,8 +52,8 @@ def run_config(config: dict[str, Any], folder_name: str | None = None) -> Any:
     """The RunConfig recorded in config.json, with the identity that produced `folder_name`.
 
     config.json records the gate mode and checkpoint the run resolved (e.g. 'deterministic', the shipped
-    weights' path) while the folder name hashes what was asked for (None: the model's default); the
-    candidate whose folder name matches is the config to re-run, so the re-run takes the same defaults
+    weights' path) while the folder name hashes what was asked for (None: the model's default, or a shipped
+    checkpoint's name); the candidate whose folder name matches is the config to re-run, so the re-run takes the same defaults
     (the checkout's shipped weights, not a path recorded on another machine).
     """
     from miarobust.evaluate import RunConfig
@@ -68,8 +68,9 @@ def run_config(config: dict[str, Any], folder_name: str | None = None) -> Any:
         raise UserError(f"config.json of {folder_name} is not a run config ({e}): is it a `miarobust run` folder?") from e
     if folder_name is None:
         return recorded
+    shipped = Path(recorded.checkpoint).name.removesuffix(".safetensors") if recorded.checkpoint else None
     for gate in dict.fromkeys([recorded.gate_mode, None]):
-        for ckpt in dict.fromkeys([recorded.checkpoint, None]):
+        for ckpt in dict.fromkeys([recorded.checkpoint, None, shipped]):
             cfg = dataclasses.replace(recorded, gate_mode=gate, checkpoint=ckpt)
             if cfg.folder_name() == folder_name:
                 return cfg

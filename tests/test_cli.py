@@ -58,6 +58,9 @@ def test_list_comes_from_the_registries(cli):
     assert r.code == 0
     for name in ("vit_fmnist", "mia_deit_s", "pgd", "eot-pgd", "autoattack", "cifar10", "synthetic"):
         assert name in r.out
+    lines = [line.split() for line in r.out.splitlines()]
+    assert ["mia_vit_fmnist_lat076", "mia_vit_fmnist", "(its", "default", "weights)"] in lines
+    assert ["mia_vit_fmnist_b05", "mia_vit_fmnist"] in lines
 
 
 def test_help_does_not_import_torch():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -79,3 +82,42 @@ def test_shipped_checkpoints_load_with_safetensors() -> None:
         path = shipped_checkpoint(model.pretrained_cfg["file"].rsplit("/", 1)[-1])
         sd = read_state_dict(path)
         assert set(sd) == set(model.state_dict())
+
+
+def test_shipped_checkpoint_names() -> None:
+    from miarobust.models.registry import resolve_checkpoint, shipped_names
+
+    assert {"vit_fmnist", "mia_vit_fmnist_lat076", "mia_vit_fmnist_b07", "mia_vit_fmnist_b05"} <= set(shipped_names())
+    default = create("mia_vit_fmnist")
+    assert default.checkpoint.endswith("mia_vit_fmnist_lat076.safetensors")  # the latency-aware model
+    b05 = create("mia_vit_fmnist", checkpoint="mia_vit_fmnist_b05")
+    assert b05.checkpoint == resolve_checkpoint("mia_vit_fmnist_b05") != default.checkpoint
+    assert not torch.equal(b05.controller[0].cls.weight, default.controller[0].cls.weight)
+    assert resolve_checkpoint("runs/x.safetensors") == "runs/x.safetensors"  # paths are left alone
+    with pytest.raises(UserError, match="does not exist.*shipped name.*mia_vit_fmnist_b05"):
+        create("mia_vit_fmnist", checkpoint="mia_vit_fmnist_b99")
+
+
+def test_a_file_named_like_a_shipped_checkpoint_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from miarobust.models.registry import resolve_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mia_vit_fmnist_b05").write_bytes(b"")
+    assert resolve_checkpoint("mia_vit_fmnist_b05") == "mia_vit_fmnist_b05"
+
+
+@pytest.mark.parametrize("checkpoint,share", [(None, 0.70), ("mia_vit_fmnist_b07", 0.70), ("mia_vit_fmnist_b05", 0.55)])
+def test_shipped_mia_checkpoints_keep_their_budget(cli, tmp_path: Path, checkpoint: str | None, share: float) -> None:
+    """On the 1,000 embedded images with deterministic gates: within the MACs budget, per-image MACs that vary,
+    and accuracy close to the static model's (issue 3: within a point on the 10k test set; 2 points here)."""
+    summaries = {}
+    for model in ("vit_fmnist", "mia_vit_fmnist"):
+        args = ["--checkpoint", checkpoint] if checkpoint and model != "vit_fmnist" else []
+        r = cli("run", "--model", model, *args, "--attack", "none", "--checks", "off", "--out", str(tmp_path))
+        assert r.code == 0, r.err
+        (folder,) = tmp_path.glob(f"{model}-*")
+        summaries[model] = json.loads((folder / "summary.json").read_text())
+    static, mia = summaries.values()
+    assert mia["gmacs"]["clean_share_of_static"] <= share
+    assert mia["gmacs"]["clean_p5"] < mia["gmacs"]["clean_p95"]
+    assert mia["clean"]["acc"] >= static["clean"]["acc"] - (0.02 if share >= 0.7 else 0.03)

@@ -41,11 +41,30 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def shipped_names() -> list[str]:
+    """Names of the checkpoints shipped in miarobust/checkpoints/ (file stem: `--checkpoint mia_vit_fmnist_b05`)."""
+    from importlib import resources
+
+    folder = resources.files("miarobust") / "checkpoints"
+    return sorted(f.name.removesuffix(".safetensors") for f in folder.iterdir() if f.name.endswith(".safetensors"))
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike[str]) -> str:
+    """The file of `checkpoint`: a path, or the name of a shipped checkpoint (a file of that name wins)."""
+    text = str(checkpoint)
+    if Path(text).expanduser().exists() or not re.fullmatch(r"[\w.-]+", text) or text not in shipped_names():
+        return text
+    from miarobust.models.vit import shipped_checkpoint
+
+    return shipped_checkpoint(f"{text}.safetensors")
+
+
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """A state dict from safetensors or a timm/torch checkpoint, never unpickling code."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist: pass --checkpoint with an existing .safetensors or .pth file.")
+        raise UserError(f"checkpoint {path} does not exist: pass --checkpoint with an existing .safetensors or .pth "
+                        f"file, or a shipped name ({', '.join(shipped_names())}).")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -101,7 +120,7 @@ def create(
     pretrained: bool = True,
     **kwargs: Any,
 ) -> torch.nn.Module:
-    """Model `name` in eval mode with weights from `checkpoint`, else its shipped weights if it has any.
+    """Model `name` in eval mode with weights from `checkpoint` (a file or a shipped name), else its shipped weights.
 
     kwargs go to timm (num_classes, img_size, gate_mode, ...); None values keep the model's defaults.
     """
@@ -113,7 +132,7 @@ def create(
         model = timm.create_model(name, pretrained=False, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
         raise UserError(f"cannot build {name} with {kwargs}: {e}") from e
-    source = str(checkpoint) if checkpoint else None
+    source = resolve_checkpoint(checkpoint) if checkpoint else None
     if source is None and pretrained:
         shipped = model.pretrained_cfg.get("file")
         if shipped and Path(shipped).is_file():
