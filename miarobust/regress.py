@@ -53,8 +53,8 @@ def run_config(config: dict[str, Any], folder_name: str | None = None) -> Any:
 
     config.json records the gate mode and checkpoint the run resolved (e.g. 'deterministic', the shipped
     weights' path) while the folder name hashes what was asked for (None: the model's default, or a shipped
-    checkpoint's name); the candidate whose folder name matches is the config to re-run, so the re-run takes the same defaults
-    (the checkout's shipped weights, not a path recorded on another machine).
+    checkpoint's name); the candidate whose folder name matches is the config to re-run, so the re-run takes
+    the same defaults (the checkout's shipped weights, not a path recorded on another machine).
     """
     from miarobust.evaluate import RunConfig
 

@@ -140,6 +140,20 @@ def test_run_config_reproduces_the_folder_name(baseline):
     assert cfg.folder_name() == folder.name
 
 
+def test_run_config_of_a_shipped_checkpoint_name(cli, tmp_path):
+    """A run asked for `--checkpoint mia_vit_fmnist_b05` records the file's path; its re-run asks for the name."""
+    import json
+
+    r = cli("run", "--model", "mia_vit_fmnist", "--checkpoint", "mia_vit_fmnist_b05", "--n", "8", "--attack", "none",
+            "--checks", "off", "--out", str(tmp_path))
+    assert r.code == 0, r.err
+    (folder,) = tmp_path.iterdir()
+    recorded = json.loads((folder / "config.json").read_text())
+    assert recorded["checkpoint"].endswith("checkpoints/mia_vit_fmnist_b05.safetensors")
+    cfg = run_config(recorded, folder.name)
+    assert cfg.checkpoint == "mia_vit_fmnist_b05" and cfg.folder_name() == folder.name
+
+
 @pytest.mark.parametrize("case", ["missing-baseline", "empty-baseline", "runs-lack-a-run", "bad-level", "bad-jobs"])
 def test_bad_input_exits_2(cli, baseline, tmp_path, case):
     base, _ = baseline

@@ -52,7 +52,7 @@ def shipped_names() -> list[str]:
 def resolve_checkpoint(checkpoint: str | os.PathLike[str]) -> str:
     """The file of `checkpoint`: a path, or the name of a shipped checkpoint (a file of that name wins)."""
     text = str(checkpoint)
-    if Path(text).expanduser().exists() or not re.fullmatch(r"[\w.-]+", text) or text not in shipped_names():
+    if text not in shipped_names() or Path(text).expanduser().exists():
         return text
     from miarobust.models.vit import shipped_checkpoint
 
