@@ -2,13 +2,13 @@
 
 For each eps, `mia_vit_fmnist` in stochastic mode under non-adaptive PGD, EOT-PGD (K = 1, 4, 16),
 BPDA-PGD (straight-through gates, EOT 4), transfer from `vit_fmnist`, (at --aa-rand-n images) autoattack-rand and
-(at --aa-eot-n images, if given) standard AutoAttack through EOT over 4 gate draws;
+(at --aa-eot-n images, if given) standard AutoAttack through EOT over K gate draws (--aa-eot-k, default 4);
 beside the same model with deterministic gates (PGD, BPDA-PGD, AutoAttack: is a gain the randomness's or
 the weights'?) and the static `vit_fmnist` under PGD and (at --aa-n images) AutoAttack standard. Each cell is one
 `miarobust run` (results under --out, resumable); the table is read from the runs' summary.json files.
 
     python benchmarks/robustness_table.py [--n 1000] [--aa-n 100] [--aa-rand-n 30] [--aa-eot-n 0] [--eval-samples 10]
-        [--eps 1/255,2/255,4/255,8/255] [--checkpoint FILE_OR_NAME] [--out results/grid] [--rows REGEX] [--only-table]
+        [--aa-eot-k 4[,16]] [--eps 1/255,2/255,4/255,8/255] [--checkpoint FILE_OR_NAME] [--out results/grid] [--rows REGEX] [--only-table]
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ from miarobust.stats import paired_drop_p, paired_mean_diff
 
 
 def cells(n: int, aa_n: int, aa_rand_n: int, eval_samples: int, aa_eot_n: int = 0,
-          checkpoint: str | None = None) -> list[tuple[str, list[str]]]:
+          checkpoint: str | None = None, aa_eot_ks: tuple[int, ...] = (4,)) -> list[tuple[str, list[str]]]:
     """(row name, `miarobust run` arguments) of every cell at one eps; rows with n = 0 are left out.
 
-    `checkpoint`: the MIA weights (a file or shipped name; None: the model's default weights).
+    `checkpoint`: the MIA weights (a file or shipped name; None: the model's default weights); `aa_eot_ks`:
+    the gate draws K of the standard AutoAttack-through-EOT rows, one row each.
     """
     weights = ["--checkpoint", checkpoint] if checkpoint else []
     mia = ["--model", "mia_vit_fmnist", *weights, "--gate-mode", "stochastic", "--eval-samples", str(eval_samples)]
@@ -46,7 +47,8 @@ def cells(n: int, aa_n: int, aa_rand_n: int, eval_samples: int, aa_eot_n: int = 
         ("MIA stochastic, EOT-PGD K=16", mia + ["--attack", "eot-pgd", "--eot", "16", "--n", str(n)]),
         ("MIA stochastic, autoattack-rand", mia + ["--attack", "autoattack-rand", "--n", str(aa_rand_n)]),
         # standard AutoAttack (targeted APGD, FAB, Square too) on the EOT model: what the rand version leaves out
-        ("MIA stochastic, AutoAttack EOT K=4", mia + ["--attack", "autoattack", "--eot", "4", "--n", str(aa_eot_n)]),
+        *((f"MIA stochastic, AutoAttack EOT K={k}", mia + ["--attack", "autoattack", "--eot", str(k), "--n", str(aa_eot_n)])
+          for k in aa_eot_ks),
         ("MIA deterministic, PGD", det + ["--attack", "pgd", "--n", str(n)]),
         ("MIA deterministic, BPDA-PGD", det + ["--attack", "bpda-pgd", "--n", str(n)]),
         ("MIA deterministic, AutoAttack", det + ["--attack", "autoattack", "--n", str(aa_n)]),
@@ -63,6 +65,7 @@ def main() -> None:
     ap.add_argument("--aa-rand-n", type=int, default=30, help="images for autoattack-rand (EOT 20: costly)")
     ap.add_argument("--aa-eot-n", type=int, default=0, help="images for standard AutoAttack with EOT 4 on the "
                     "stochastic model (0: leave the row out)")
+    ap.add_argument("--aa-eot-k", default="4", help="comma-separated K of the AutoAttack-EOT rows (e.g. 4,16)")
     ap.add_argument("--eps", default="1/255,2/255,4/255,8/255")
     ap.add_argument("--checkpoint", default=None, help="mia_vit_fmnist weights, a file or shipped name (default: "
                     "its default weights); RESULTS.md's grid is of mia_vit_fmnist_b07")
@@ -74,10 +77,11 @@ def main() -> None:
                     "processes can share the grid; the table shows them all")
     args = ap.parse_args()
     eps_list = args.eps.split(",")
+    aa_eot_ks = tuple(int(k) for k in args.aa_eot_k.split(","))
     table: dict[str, dict[str, str]] = {}
     folders: dict[tuple[str, str], Path] = {}  # (row, eps) -> run folder, for the paired comparisons
     for eps in eps_list:
-        for name, argv in cells(args.n, args.aa_n, args.aa_rand_n, args.eval_samples, args.aa_eot_n, args.checkpoint):
+        for name, argv in cells(args.n, args.aa_n, args.aa_rand_n, args.eval_samples, args.aa_eot_n, args.checkpoint, aa_eot_ks):
             cmd = [sys.executable, "-m", "miarobust", "run", *argv, "--eps", eps, "--data", "embedded",
                    "--checks", "off", "--out", args.out]
             if not args.only_table and (args.rows is None or re.search(args.rows, name)):
@@ -100,7 +104,7 @@ def main() -> None:
                 "Paired on the same images (exact McNemar test on the images robust under one model only):",
                 ["gated vs static", "eps", "n", "robust % (gated, static)", "robust under gated only",
                  "under static only", "two-sided p"])
-    print_pairs(PAIRED_STOCHASTIC, paired_fractional, folders, eps_list,
+    print_pairs(paired_stochastic(aa_eot_ks), paired_fractional, folders, eps_list,
                 f"The stochastic model (per image: the share of {args.eval_samples} gate draws it gets right) against "
                 "another row on the same images: mean difference with its 95% interval and two-sided p (paired, "
                 "normal approximation):",
@@ -123,12 +127,16 @@ def print_pairs(pairs: list[tuple[str, str]], row: Callable[[str, str, str, Path
 PAIRED = [("MIA deterministic, PGD", "vit_fmnist, PGD"), ("MIA deterministic, AutoAttack", "vit_fmnist, AutoAttack")]
 
 
-# the stochastic model's per-image outcome is a probability over gate draws: compared by the mean difference
-PAIRED_STOCHASTIC = [("MIA stochastic, autoattack-rand", "vit_fmnist, AutoAttack"),
-                     ("MIA stochastic, autoattack-rand", "MIA deterministic, AutoAttack"),
-                     ("MIA stochastic, AutoAttack EOT K=4", "MIA deterministic, AutoAttack"),
-                     ("MIA stochastic, AutoAttack EOT K=4", "MIA stochastic, autoattack-rand"),
-                     ("MIA stochastic, EOT-PGD K=16", "vit_fmnist, PGD")]
+def paired_stochastic(aa_eot_ks: tuple[int, ...]) -> list[tuple[str, str]]:
+    """The stochastic rows' comparisons (a per-image outcome is a probability over gate draws: compared by the
+    mean difference): with the static and deterministic AutoAttack, and the adaptive attacks with each other."""
+    aa_rand, det_aa = "MIA stochastic, autoattack-rand", "MIA deterministic, AutoAttack"
+    eot = [f"MIA stochastic, AutoAttack EOT K={k}" for k in aa_eot_ks]
+    pairs = [(aa_rand, "vit_fmnist, AutoAttack"), (aa_rand, det_aa)]
+    for name in eot:
+        pairs += [(name, "vit_fmnist, AutoAttack"), (name, det_aa), (name, aa_rand), (name, "MIA stochastic, EOT-PGD K=16")]
+    pairs += list(zip(eot[1:], eot[:-1]))  # AutoAttack-EOT at K against the K before it: converged in K?
+    return pairs + [("MIA stochastic, EOT-PGD K=16", "vit_fmnist, PGD")]
 
 
 def _shared(folder_a: Path, folder_b: Path) -> pd.DataFrame:
