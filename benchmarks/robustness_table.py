@@ -189,12 +189,9 @@ def find_summary(out: Path, argv: list[str], eps: str) -> tuple[Path, dict] | No
 @functools.cache
 def weights_sha256(model: str, checkpoint: str | None) -> str | None:
     """SHA-256 of the weights `miarobust run --model model [--checkpoint checkpoint]` loads."""
-    import timm
+    from miarobust.models.registry import file_sha256, weights_file
 
-    import miarobust.models  # noqa: F401  (registers the models)
-    from miarobust.models.registry import file_sha256, resolve_checkpoint
-
-    path = resolve_checkpoint(checkpoint) if checkpoint else timm.create_model(model).pretrained_cfg.get("file")
+    path = weights_file(model, checkpoint)
     return file_sha256(path) if path else None
 
 

@@ -154,21 +154,19 @@ def format_summary(folder: Any, s: dict[str, Any]) -> str:
 @click.argument("what", type=click.Choice(["all", "models", "checkpoints", "attacks", "datasets"]), default="all")
 def list_cmd(what: str) -> None:
     """List models, shipped checkpoints, attacks and data sets."""
-    if what in ("all", "models"):
-        from miarobust.models import model_names
+    from miarobust.models import model_names
 
+    if what in ("all", "models"):
         click.echo("models:")
         for name in model_names():
             click.echo(f"  {name}")
     if what in ("all", "checkpoints"):
         from pathlib import Path
 
-        import timm
+        from miarobust.models.registry import weights_file
+        from miarobust.models.vit import shipped_names
 
-        from miarobust.models import model_names
-        from miarobust.models.registry import shipped_names
-
-        defaults = {Path(timm.create_model(m).pretrained_cfg["file"]).stem: m for m in ("vit_fmnist", "mia_vit_fmnist")}
+        defaults = {Path(weights_file(m)).stem for m in ("vit_fmnist", "mia_vit_fmnist")}
         click.echo("checkpoints (--checkpoint NAME):")
         for name in shipped_names():
             model = max((m for m in model_names() if name.startswith(m)), key=len, default="?")

@@ -85,7 +85,8 @@ def test_shipped_checkpoints_load_with_safetensors() -> None:
 
 
 def test_shipped_checkpoint_names() -> None:
-    from miarobust.models.registry import resolve_checkpoint, shipped_names
+    from miarobust.models.registry import resolve_checkpoint
+    from miarobust.models.vit import shipped_names
 
     assert {"vit_fmnist", "mia_vit_fmnist_lat076", "mia_vit_fmnist_b07", "mia_vit_fmnist_b05"} <= set(shipped_names())
     default = create("mia_vit_fmnist")

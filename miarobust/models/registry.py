@@ -17,6 +17,7 @@ import timm
 import torch
 
 from miarobust.errors import UserError, unknown_name
+from miarobust.models.vit import shipped_checkpoint, shipped_names
 
 #: CLI names: the static baselines and the MIA-Former models (all timm entrypoints of this package).
 STATIC_MODELS = ("vit_fmnist", "deit_t", "deit_s", "deit_b")
@@ -41,22 +42,23 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def shipped_names() -> list[str]:
-    """Names of the checkpoints shipped in miarobust/checkpoints/ (file stem: `--checkpoint mia_vit_fmnist_b05`)."""
-    from importlib import resources
-
-    folder = resources.files("miarobust") / "checkpoints"
-    return sorted(f.name.removesuffix(".safetensors") for f in folder.iterdir() if f.name.endswith(".safetensors"))
-
-
 def resolve_checkpoint(checkpoint: str | os.PathLike[str]) -> str:
     """The file of `checkpoint`: a path, or the name of a shipped checkpoint (a file of that name wins)."""
     text = str(checkpoint)
     if text not in shipped_names() or Path(text).expanduser().exists():
         return text
-    from miarobust.models.vit import shipped_checkpoint
-
     return shipped_checkpoint(f"{text}.safetensors")
+
+
+def _default_weights(model: torch.nn.Module) -> str | None:
+    """The shipped weights file of a built model, if the package has it."""
+    shipped = model.pretrained_cfg.get("file")
+    return shipped if shipped and Path(shipped).is_file() else None
+
+
+def weights_file(name: str, checkpoint: str | os.PathLike[str] | None = None) -> str | None:
+    """The file `create(name, checkpoint)` loads its weights from (None: it has none and starts random)."""
+    return resolve_checkpoint(checkpoint) if checkpoint else _default_weights(timm.create_model(name))
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -132,11 +134,7 @@ def create(
         model = timm.create_model(name, pretrained=False, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
         raise UserError(f"cannot build {name} with {kwargs}: {e}") from e
-    source = resolve_checkpoint(checkpoint) if checkpoint else None
-    if source is None and pretrained:
-        shipped = model.pretrained_cfg.get("file")
-        if shipped and Path(shipped).is_file():
-            source = shipped
+    source = resolve_checkpoint(checkpoint) if checkpoint else _default_weights(model) if pretrained else None
     if source is not None:
         load_weights(model, read_state_dict(source), source)
     elif pretrained:

@@ -33,6 +33,12 @@ def shipped_checkpoint(filename: str) -> str:
     return str(resources.files("miarobust") / "checkpoints" / filename)
 
 
+def shipped_names() -> list[str]:
+    """Names of the checkpoints shipped in miarobust/checkpoints/ (file stem: `--checkpoint mia_vit_fmnist_b05`)."""
+    folder = resources.files("miarobust") / "checkpoints"
+    return sorted(f.name.removesuffix(".safetensors") for f in folder.iterdir() if f.name.endswith(".safetensors"))
+
+
 def imagenet_cfg(**overrides: Any) -> PretrainedCfg:
     """timm's DeiT data config: 224x224 RGB, ImageNet mean/std, bicubic, crop 0.875."""
     base = dict(
