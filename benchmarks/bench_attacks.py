@@ -13,11 +13,12 @@ On the same model, images, eps and steps:
    per chunk size on this machine.
 
 Calls alternate between the two sides and the median of --reps repetitions is reported, so drift of a
-shared machine cancels. Robust accuracy of a stochastic model is the mean over --eval-samples gate draws
+shared machine cancels; on a GPU (--device cuda) each timed call ends with a synchronize and one untimed
+warm-up pass of each side comes first. Robust accuracy of a stochastic model is the mean over --eval-samples gate draws
 per image, as in the evaluator, with a 95% Wilson interval. Prints markdown tables.
 
     python benchmarks/bench_attacks.py [-n 200] [--batch-size 100] [--steps 10] [--reps 3] [--threads 2] [--mia-checkpoint NAME]
-        [--chunks 64,128,256,512,1024]
+        [--chunks 64,128,256,512,1024] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ from miarobust.stats import wilson
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def load(name: str, gate_mode: str | None = None, checkpoint: str | None = None) -> tuple[Normalized, torch.nn.Module]:
+def load(name: str, device: torch.device, gate_mode: str | None = None,
+         checkpoint: str | None = None) -> tuple[Normalized, torch.nn.Module]:
     model = create(name, checkpoint=checkpoint, gate_mode=gate_mode)
     if model.checkpoint is None:
         print(f"note: {name} has no weights here; timing a randomly initialised model")
-    net = Normalized(model).eval()
+    net = Normalized(model).eval().to(device)
     for p in net.parameters():
         p.requires_grad_(False)
     return net, model
@@ -54,13 +56,21 @@ def batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Ten
     return list(zip(x.split(size), y.split(size)))
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run(attack: Attack, data: list[tuple[torch.Tensor, torch.Tensor]], seed: int) -> tuple[float, torch.Tensor]:
     """Seconds and adversarial images of `attack` over all batches, seeded per batch."""
     out = []
+    device = data[0][0].device
+    sync(device)
     t0 = time.perf_counter()
     for b, (x, y) in enumerate(data):
         torch.manual_seed(seed + b)
         out.append(attack(x, y).detach())
+    sync(device)
     return time.perf_counter() - t0, torch.cat(out)
 
 
@@ -76,6 +86,8 @@ def compare(label: str, ours: Attack, theirs: Attack, net: torch.nn.Module, x: t
     data = batches(x, y, size)
     times: dict[str, list[float]] = {"ours": [], "theirs": []}
     advs: dict[str, torch.Tensor] = {}
+    if x.device.type == "cuda":  # kernels, cuBLAS handles and the caching allocator warm up outside the timing
+        run(ours, data[:1], seed=1000), run(theirs, data[:1], seed=1000)
     for r in range(reps):
         order = [("ours", ours), ("theirs", theirs)] if r % 2 == 0 else [("theirs", theirs), ("ours", ours)]
         for side, fn in order:
@@ -95,10 +107,13 @@ def chunk_sweep(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, 
     for r in range(reps):
         for c in chunks if r % 2 == 0 else chunks[::-1]:
             xa = x.clone().requires_grad_(True)
+            sync(x.device)
             t0 = time.perf_counter()
             loss = torch.nn.functional.nll_loss(EOT(net, k, c)(xa), y)
             torch.autograd.grad(loss, xa)
-            times[c].append(time.perf_counter() - t0)
+            sync(x.device)
+            if r > 0 or x.device.type != "cuda":  # the first GPU round warms up
+                times[c].append(time.perf_counter() - t0)
     return {c: statistics.median(t) for c, t in times.items()}
 
 
@@ -120,22 +135,26 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--chunks", default="64,128,256,512,1024", help="EOT rows per forward to time")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    if device.type == "cuda" and a.reps < 2:
+        ap.error("--reps must be >= 2 on a GPU (the first chunk-sweep round is a warm-up)")
     import torchattacks
 
-    net, model = load(a.model)
+    net, model = load(a.model, device)
     data = load_dataset("embedded", Geometry.of(model))
-    x = torch.stack([data[i][0] for i in range(a.n)])
-    y = torch.tensor([data[i][1] for i in range(a.n)])
+    x = torch.stack([data[i][0] for i in range(a.n)]).to(device)
+    y = torch.tensor([data[i][1] for i in range(a.n)]).to(device)
 
     cfg = AttackConfig(eps=a.eps, steps=a.steps)
     ours = build_attack(get_attack("pgd", cfg), Victim(net), cfg)
     theirs = torchattacks.PGD(net, eps=a.eps, alpha=cfg.step_size, steps=a.steps, random_start=True)
     rows = [compare("pgd vs torchattacks.PGD", ours, theirs, net, x, y, a.batch_size, a.reps, 1)]
 
-    mia_net, mia = load(a.mia_model, gate_mode="stochastic", checkpoint=a.mia_checkpoint)
-    chunk = default_chunk("cpu")
+    mia_net, mia = load(a.mia_model, device, gate_mode="stochastic", checkpoint=a.mia_checkpoint)
+    chunk = default_chunk(device)
     ecfg = AttackConfig(eps=a.eps, steps=a.steps, eot=a.eot, eot_chunk=chunk)
     ours = build_attack(get_attack("eot-pgd", ecfg), Victim(mia_net, mia), ecfg)
     theirs = torchattacks.EOTPGD(mia_net, eps=a.eps, alpha=ecfg.step_size, steps=a.steps, eot_iter=a.eot,
@@ -143,8 +162,9 @@ def main() -> None:
     rows.append(compare(f"eot-pgd K={a.eot} (chunk {chunk}) vs torchattacks.EOTPGD(eot_iter={a.eot})", ours, theirs,
                         mia_net, x, y, a.batch_size, a.reps, a.eval_samples))
 
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {a.threads} threads"
     print(f"\n{a.n} images of embedded Fashion-MNIST, Linf eps {a.eps:.4f}, {a.steps} steps, batch {a.batch_size}, "
-          f"{a.threads} threads, median of {a.reps}\n")
+          f"{where}, median of {a.reps}\n")
     print("| attack | miarobust s | torchattacks s | ratio | robust acc miarobust | robust acc torchattacks | same x_adv |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -160,7 +180,7 @@ def main() -> None:
     print("| --- | --- | --- |")
     for c, s in sweep.items():
         print(f"| {c} | {s * 1000:.1f} | {s / sweep[best]:.2f} |")
-    print(f"\nfastest chunk on this machine: {best} (attacks/eot.default_chunk for cpu: {chunk})")
+    print(f"\nfastest chunk on this machine: {best} (attacks/eot.default_chunk for {device.type}: {chunk})")
 
 
 if __name__ == "__main__":

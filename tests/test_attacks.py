@@ -96,6 +96,45 @@ def config_for(name: str, eot: int) -> AttackConfig:
     return AttackConfig(norm=norm, eps=0.3 if norm == "Linf" else 3.0, steps=2, eot=eot, queries=50)
 
 
+class LogProbs(torch.nn.Module):
+    """A model whose outputs are log-probabilities, all negative: what EOT hands an attack."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).log_softmax(1)
+
+
+def test_cw_finds_examples_on_log_probabilities() -> None:
+    """torchattacks' CW reads the margin through a one-hot product, which is 0 when every output is negative
+    (its issue 184): on EOT's log-probabilities it found no example at all. miarobust's cw shifts the outputs
+    positive first (PositiveLogits), which leaves the argmax and every margin as they were."""
+    import torchattacks
+
+    from miarobust.attacks import PositiveLogits
+
+    torch.manual_seed(0)
+    net = frozen(timm.create_model("vit_fmnist", depth=1))
+    x, y = images(8), torch.arange(8)
+    fit_head(net, x, y)
+    logp = LogProbs(net)
+    with torch.no_grad():
+        out, shifted = logp(x), PositiveLogits(logp)(x)
+    assert (out < 0).all() and (shifted >= 1 - 1e-6).all()
+    assert torch.equal(out.argmax(1), shifted.argmax(1))
+    torch.testing.assert_close(out - out[:, :1], shifted - shifted[:, :1])
+
+    cfg = AttackConfig(norm="L2", eps=3.0, steps=10)
+    adv_ours = build_attack(get_attack("cw", cfg), Victim(logp), cfg)(x, y)
+    adv_theirs = torchattacks.CW(logp, c=cfg.cw_c, kappa=0, steps=10, lr=0.01)(x, y)
+    with torch.no_grad():
+        ours, theirs = net(adv_ours).argmax(1), net(adv_theirs).argmax(1)
+    assert (ours != y).sum() >= 6, "cw found too few examples on log-probabilities"
+    assert (theirs == y).all(), "torchattacks' CW margin works on negative outputs now: PositiveLogits may go"
+
+
 @pytest.fixture
 def short_autoattack(monkeypatch: pytest.MonkeyPatch) -> None:
     """AutoAttack's APGD and FAB with 3 iterations instead of 100: these tests are about miarobust's wrapper

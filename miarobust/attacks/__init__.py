@@ -132,12 +132,30 @@ def build_pgd_cw(victim: Victim, cfg: AttackConfig, eot: int = 1) -> AttackFn:
     return lambda x, y: with_restarts(one, model, x, y, cfg.restarts)
 
 
+class PositiveLogits(nn.Module):
+    """`model`'s outputs shifted per row so that every entry is >= 1: the same argmax and margins.
+
+    torchattacks' CW (3.5.1) reads the true-class and runner-up logits by multiplying with a one-hot mask
+    and taking a max, so a masked-out 0 wins over negative entries (Harry24k/adversarial-attacks-pytorch
+    issue 184, fix unmerged). With EOT the outputs are log-probabilities, all negative, and its margin
+    was 0 with no gradient: CW found nothing. The shift cancels in the margin and its gradient."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out - out.detach().amin(1, keepdim=True) + 1
+
+
 def build_cw(victim: Victim, cfg: AttackConfig, eot: int = 1) -> AttackFn:
     """Carlini-Wagner L2 (torchattacks' CW). It minimises the perturbation, unbounded: an example
     larger than eps counts as a failure at this eps (the clean image is kept)."""
     import torchattacks
 
-    atk = torchattacks.CW(victim.with_eot(eot, cfg.eot_chunk), c=cfg.cw_c, kappa=0, steps=max(cfg.steps, 10), lr=0.01)
+    model = PositiveLogits(victim.with_eot(eot, cfg.eot_chunk))
+    atk = torchattacks.CW(model, c=cfg.cw_c, kappa=0, steps=max(cfg.steps, 10), lr=0.01)
 
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         adv = atk(x, y)
