@@ -12,6 +12,7 @@ median of each is compared, so machine drift cancels. Goal (issue 3): at batch 1
 ratio + 0.10.
 
     python benchmarks/bench_latency.py [--reps 20] [--threads 2] [--part all|deit|fmnist] [--checkpoint PATH_OR_NAME ...]
+        [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (timings CUDA-synchronised)")
     ap.add_argument("--part", choices=["all", "deit", "fmnist"], default="all")
     ap.add_argument("--checkpoint", action="append", default=[],
                     help="mia_vit_fmnist checkpoint (file or shipped name) to time besides the shipped ones "
@@ -104,18 +106,19 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
     rows = []
-    static = timm.create_model("deit_s").eval()
+    static = timm.create_model("deit_s").eval().to(device)
     dims = VitDims.of(static)
     for mix in ("all", "heads+tokens"):
         for target in (0.5, 0.7) if args.part in ("all", "deit") else ():
-            mia = timm.create_model("mia_deit_s", gate_mode="deterministic").eval()
+            mia = timm.create_model("mia_deit_s", gate_mode="deterministic").eval().to(device)
             mia.load_state_dict(static.state_dict(), strict=False)
             structure = fixed_structure(dims, target, mix)
             fix_controller(mia)(*structure)
             dense = dense_equivalent(static, *structure)
             for batch in (1, 64):
-                x = torch.randn(batch, 3, 224, 224)
+                x = torch.randn(batch, 3, 224, 224, device=device)
                 ts, tm, ratio, td = compare(static, mia, x, args.reps if batch == 1 else max(3, args.reps // 6), dense)
                 rows.append((f"mia_deit_s keep {target}, {mix} (blocks/heads/tokens {structure})", batch, ts, tm, ratio, td,
                              float("nan")))
@@ -125,17 +128,17 @@ def main() -> None:
     from miarobust.data import Geometry, embedded
     from miarobust.models import create
 
-    st = create("vit_fmnist")
+    st = create("vit_fmnist").to(device)
     data = embedded(None, "test", Geometry.of(st))
-    images = torch.stack([data[i][0] for i in range(64)])
+    images = torch.stack([data[i][0] for i in range(64)]).to(device)
     mean, std = st.pretrained_cfg["mean"][0], st.pretrained_cfg["std"][0]
     checkpoints = [("default: latency budget 0.76, mia_vit_fmnist_lat076", None),
                    ("MACs budget 0.7, mia_vit_fmnist_b07", "mia_vit_fmnist_b07"),
                    ("MACs budget 0.5, mia_vit_fmnist_b05", "mia_vit_fmnist_b05")]
     checkpoints += [(Path(c).name, c) for c in args.checkpoint]
-    table = LatencyTable.measure(create("mia_vit_fmnist"), st) if args.part in ("all", "fmnist") else None
+    table = LatencyTable.measure(create("mia_vit_fmnist"), st, device=device) if args.part in ("all", "fmnist") else None
     for label, checkpoint in checkpoints if table is not None else ():
-        mia = create("mia_vit_fmnist", checkpoint=checkpoint)
+        mia = create("mia_vit_fmnist", checkpoint=checkpoint).to(device)
         for batch in (1, 64):
             predicted = float("nan")
             if batch == 1:  # per-image decisions: average over 16 different images
@@ -149,7 +152,8 @@ def main() -> None:
                 ts, tm, ratio, _ = compare(st, mia, (images - mean) / std, args.reps)
             rows.append((f"mia_vit_fmnist ({label}, deterministic)", batch, ts, tm, ratio, float("nan"), predicted))
 
-    print(f"threads={args.threads} reps={args.reps}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, threads={args.threads}"
+    print(f"{where} reps={args.reps}")
     if table is not None:
         print(f"latency table (mia_vit_fmnist, batch 1): {table}")
     print("| model | batch | static ms | MIA ms | time ratio | MACs ratio | time - MACs | dense same-shape ratio "
