@@ -194,6 +194,26 @@ def test_autoattack_flags_zero_gradients(templates: torch.Tensor) -> None:
         assert checks.autoattack_flags(ev)["status"] == status
 
 
+class NoisyOutputs(Regions):
+    """Regions whose logits carry fresh noise on every forward: AutoAttack's randomness check sees it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits + 0.01 * torch.randn_like(logits)
+
+
+def test_autoattack_randomness_warning_is_expected_only_under_eot(templates: torch.Tensor) -> None:
+    """A stochastic model attacked by APGD without EOT: AutoAttack's randomness warning flags (its advice holds).
+    Through EOT over 4 draws the warning is expected and the check passes, saying so."""
+    for eot, status in ((1, "flag"), (4, "pass")):
+        ev = planted(NoisyOutputs(templates), "apgd-ce", stochastic=True, eps=0.3, n=4, batch_size=4, eot=eot)
+        ev.run_batch(0)
+        r = checks.autoattack_flags(ev)
+        assert r["status"] == status, r
+        assert any(checks.RANDOMNESS_WARNING in w for w in r["value"]), r
+        assert ("expected" in r["message"]) == (eot > 1)
+
+
 def test_reruns_are_checked_against_the_threat_model(templates: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     from miarobust import attacks
     from miarobust.attacks.threat import ThreatModelViolation
