@@ -232,8 +232,10 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
               latency_table: str | None, rl_weight: float, flops_lambda: float, teacher: str | None, kd_weight: float,
               **kw: Any) -> None:
     """Train a static ViT, or MIA-Former's controller and backbone (hybrid SL + RL)."""
+    from miarobust.evaluate import resolve_device
     from miarobust.train.loop import TrainConfig
 
+    resolve_device(kw["device"])
     mia = model.startswith("mia_")
     if mia and budget is None:
         raise UserError("MIA-Former training needs --budget, the target share of the static model's cost "
@@ -289,13 +291,16 @@ def report_cmd(path: str, out: str | None, pdf: bool, robustbench: bool) -> None
               help="Instead of the test: a regression is an accuracy drop larger than this (e.g. 0.02).")
 @click.option("--out", default=None, help="Keep re-runs in this folder (default: a temporary folder).")
 @click.option("--device", default=None, help="Device for re-runs (default: the recorded one).")
-@click.option("--jobs", type=int, default=1, show_default=True,
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Re-run in this many processes, the CPU threads split between them (2 on a 2-core CPU: ~1.6x faster).")
 def regress_cmd(baseline: str, runs: str | None, level: float, tolerance: float | None, out: str | None,
                 device: str | None, jobs: int) -> None:
     """Compare clean and robust accuracy with a baseline; exit 1 when a drop is beyond the noise."""
+    from miarobust.evaluate import resolve_device
     from miarobust.regress import REGRESSED, RegressConfig, format_table, regress
 
+    if device is not None:
+        resolve_device(device)
     table = regress(RegressConfig(baseline, runs, level, tolerance, out, device, jobs))
     click.echo(format_table(table, level, tolerance))
     if (table["status"] == REGRESSED).any():

@@ -88,6 +88,23 @@ class RunConfig:
         return f"{self.model}-{self.data}-{attacks}-{self.norm}-{eps}-{run_id(self.identity())}"
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch device `--device name` asks for; a UserError if it is no device or not on this machine."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device: use cpu, cuda or cuda:N.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: miarobust runs on cpu, cuda or cuda:N.")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for, but CUDA is not available here: use --device cpu.")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices, "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    return device
+
+
 def batch_seed(seed: int, batch: int) -> int:
     """The seed of batch `batch`: independent of the batches before it."""
     return (seed * 1_000_003 + batch * 7919 + 12345) % (2**63 - 1)
@@ -126,16 +143,7 @@ class Evaluation:
         from miarobust.models.mia_former import MIAFormer
         from miarobust.models.normalize import Normalized
 
-        try:
-            self.device = torch.device(cfg.device)
-        except RuntimeError:
-            raise UserError(f"--device {cfg.device} is not a device: use cpu, cuda or cuda:N.") from None
-        if self.device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise UserError(f"--device {cfg.device} asked for, but CUDA is not available here: use --device cpu.")
-            if (self.device.index or 0) >= torch.cuda.device_count():
-                raise UserError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA devices, "
-                                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+        self.device = resolve_device(cfg.device)
         self.cfg = cfg
         acfg = cfg.attack_config()
         self.attacks: list[AttackInfo] = [get_attack(a, acfg) for a in cfg.attacks]

@@ -115,10 +115,26 @@ def test_bad_argument(cli, tmp_path, args, needles):
     assert_user_error(cli("run", *TINY, *args, "--out", str(out)), out, *needles)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
-def test_cuda_without_cuda(cli, tmp_path):
+def device_command(command: str, out: Path, baseline: Path) -> list[str]:
+    """The arguments of `command` up to --device, writing under `out`."""
+    return {"run": ["run", *TINY, "--out", str(out)], "train": ["train", "--epochs", "1", "--out", str(out)],
+            "regress": ["regress", "--baseline", str(baseline), "--out", str(out)]}[command]
+
+
+@pytest.mark.parametrize("device, needles", [("xyz", ["is not a device", "cpu, cuda or cuda:N"]),
+                                             ("mps", ["miarobust runs on cpu, cuda or cuda:N"])])
+@pytest.mark.parametrize("command", ["run", "train", "regress"])
+def test_bad_device_in_every_command(cli, tmp_path, command, device, needles):
     out = tmp_path / "out"
-    assert_user_error(cli("run", *TINY, "--device", "cuda", "--out", str(out)), out, "CUDA is not available", "--device cpu")
+    assert_user_error(cli(*device_command(command, out, tmp_path), "--device", device), out, *needles)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.parametrize("command", ["run", "train", "regress"])
+def test_cuda_without_cuda(cli, tmp_path, command):
+    out = tmp_path / "out"
+    assert_user_error(cli(*device_command(command, out, tmp_path), "--device", "cuda"), out, "CUDA is not available",
+                      "--device cpu")
 
 
 def test_cuda_device_beyond_the_count(cli, tmp_path, monkeypatch):
