@@ -7,6 +7,7 @@ print one line and exit 2; nothing half-written is left (every file is written a
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from fractions import Fraction
 from typing import Any
@@ -38,6 +39,16 @@ class EpsType(click.ParamType):
         if not eps == eps or eps in (float("inf"), float("-inf")) or eps <= 0:
             self.fail(f"'{value}' must be a finite number > 0, e.g. 8/255.", param, ctx)
         return eps, text
+
+
+class Finite(click.FloatRange):
+    """click.FloatRange that also refuses nan and +-inf (FloatRange lets nan through every bound)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def parse_eps(text: str) -> float:
@@ -90,7 +101,7 @@ def model_option(default: str | None) -> Any:
 @click.option("-n", "--n", type=click.IntRange(min=1), default=None,
               help="Evaluate the first N images (default: all). Under torchrun write -n: it takes --n for its own --nnodes.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--checks", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Sanity checks of the evaluation (auto: all on small runs, a cheap subset otherwise).")
@@ -210,24 +221,24 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default 12 (static) / 4 (MIA).")
 @click.option("--augment/--no-augment", default=False, show_default=True, help="Random shifts (2 px) and flips.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--lr", type=float, default=None, help="Default 1e-3 (static) / 5e-4 backbone, 10x for the controller (MIA).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lr", type=Finite(min=0, min_open=True), default=None, help="Default 1e-3 (static) / 5e-4 backbone, 10x for the controller (MIA).")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--init", default=None, help="Checkpoint to start from. MIA: a static one (default: the shipped "
               "vit_fmnist) or an MIA one of the same model, for a further stage.")
 @click.option("--teacher", default=None, help="MIA: static checkpoint distilled from (default: --init if static, "
               "else the shipped one).")
-@click.option("--kd-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--kd-weight", type=Finite(min=0), default=1.0, show_default=True,
               help="MIA: weight of the distillation loss.")
-@click.option("--budget", type=click.FloatRange(0.05, 1.0), default=None,
+@click.option("--budget", type=Finite(0.05, 1.0), default=None,
               help="MIA: target share of the static model's cost (MACs, or batch-1 time with --cost latency).")
 @click.option("--cost", type=click.Choice(["macs", "latency"]), default="macs", show_default=True,
               help="MIA: what the budget and the reward count: MACs, or the batch-1 time predicted by a latency "
               "table measured on --device when the run starts (latency-aware controller).")
 @click.option("--latency-table", default=None, help="MIA with --cost latency: a latency.json of an earlier run "
               "to train against instead of measuring one.")
-@click.option("--rl-weight", type=float, default=1.0, show_default=True, help="MIA: weight of the REINFORCE loss.")
-@click.option("--flops-lambda", type=float, default=1.0, show_default=True, help="MIA: reward = correct - lambda * cost ratio.")
+@click.option("--rl-weight", type=Finite(min=0), default=1.0, show_default=True, help="MIA: weight of the REINFORCE loss.")
+@click.option("--flops-lambda", type=Finite(min=0), default=1.0, show_default=True, help="MIA: reward = correct - lambda * cost ratio.")
 def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None, budget: float | None, cost: str,
               latency_table: str | None, rl_weight: float, flops_lambda: float, teacher: str | None, kd_weight: float,
               **kw: Any) -> None:
@@ -285,9 +296,9 @@ def report_cmd(path: str, out: str | None, pdf: bool, robustbench: bool) -> None
               help="Folder of committed reference runs (e.g. results/baseline).")
 @click.option("--runs", default=None, type=click.Path(file_okay=False, path_type=str),
               help="Folder of new runs to compare (same folder names); default: re-run the baseline's configs.")
-@click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01, show_default=True,
+@click.option("--level", type=Finite(0, 1, min_open=True, max_open=True), default=0.01, show_default=True,
               help="Significance level of the one-sided drop test.")
-@click.option("--tolerance", type=click.FloatRange(0, 1, max_open=True), default=None,
+@click.option("--tolerance", type=Finite(0, 1, max_open=True), default=None,
               help="Instead of the test: a regression is an accuracy drop larger than this (e.g. 0.02).")
 @click.option("--out", default=None, help="Keep re-runs in this folder (default: a temporary folder).")
 @click.option("--device", default=None, help="Device for re-runs (default: the recorded one).")

@@ -115,6 +115,19 @@ def test_bad_argument(cli, tmp_path, args, needles):
     assert_user_error(cli("run", *TINY, *args, "--out", str(out)), out, *needles)
 
 
+@pytest.mark.parametrize("args, needles", [
+    (["--lr", "-1"], ["--lr", "not in the range x>0"]),
+    (["--lr", "nan"], ["--lr", "'nan' is not a finite number"]),
+    (["--model", "mia_vit_fmnist", "--budget", "nan"], ["--budget", "not a finite number"]),
+    (["--model", "mia_vit_fmnist", "--budget", "0.7", "--rl-weight", "inf"], ["--rl-weight", "not a finite number"]),
+    (["--model", "mia_vit_fmnist", "--budget", "0.7", "--flops-lambda", "-1"], ["--flops-lambda", "x>=0"]),
+    (["--seed", "-3"], ["--seed", "not in the range"]),
+])
+def test_bad_training_argument(cli, tmp_path, args, needles):
+    out = tmp_path / "out"
+    assert_user_error(cli("train", "--epochs", "1", *args, "--out", str(out)), out, *needles)
+
+
 def device_command(command: str, out: Path, baseline: Path) -> list[str]:
     """The arguments of `command` up to --device, writing under `out`."""
     return {"run": ["run", *TINY, "--out", str(out)], "train": ["train", "--epochs", "1", "--out", str(out)],
