@@ -14,7 +14,7 @@ On the same model, images, eps and steps:
 
 Calls alternate between the two sides and the median of --reps repetitions is reported, so drift of a
 shared machine cancels; on a GPU (--device cuda) each timed call ends with a synchronize and one untimed
-warm-up pass of each side comes first. Robust accuracy of a stochastic model is the mean over --eval-samples gate draws
+warm-up call of each side (each chunk size) comes first. Robust accuracy of a stochastic model is the mean over --eval-samples gate draws
 per image, as in the evaluator, with a 95% Wilson interval. Prints markdown tables.
 
     python benchmarks/bench_attacks.py [-n 200] [--batch-size 100] [--steps 10] [--reps 3] [--threads 2] [--mia-checkpoint NAME]
@@ -35,6 +35,7 @@ from miarobust.attacks import AttackConfig, Victim, build_attack, get_attack
 from miarobust.attacks.eot import EOT, default_chunk
 from miarobust.data import Geometry, load_dataset
 from miarobust.models import create
+from miarobust.models.latency import synchronize
 from miarobust.models.normalize import Normalized
 from miarobust.stats import wilson
 
@@ -56,21 +57,16 @@ def batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Ten
     return list(zip(x.split(size), y.split(size)))
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(attack: Attack, data: list[tuple[torch.Tensor, torch.Tensor]], seed: int) -> tuple[float, torch.Tensor]:
     """Seconds and adversarial images of `attack` over all batches, seeded per batch."""
     out = []
     device = data[0][0].device
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for b, (x, y) in enumerate(data):
         torch.manual_seed(seed + b)
         out.append(attack(x, y).detach())
-    sync(device)
+    synchronize(device)
     return time.perf_counter() - t0, torch.cat(out)
 
 
@@ -87,7 +83,8 @@ def compare(label: str, ours: Attack, theirs: Attack, net: torch.nn.Module, x: t
     times: dict[str, list[float]] = {"ours": [], "theirs": []}
     advs: dict[str, torch.Tensor] = {}
     if x.device.type == "cuda":  # kernels, cuBLAS handles and the caching allocator warm up outside the timing
-        run(ours, data[:1], seed=1000), run(theirs, data[:1], seed=1000)
+        for fn in (ours, theirs):
+            run(fn, data[:1], seed=1000)
     for r in range(reps):
         order = [("ours", ours), ("theirs", theirs)] if r % 2 == 0 else [("theirs", theirs), ("ours", ours)]
         for side, fn in order:
@@ -103,17 +100,21 @@ def compare(label: str, ours: Attack, theirs: Attack, net: torch.nn.Module, x: t
 
 def chunk_sweep(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, chunks: list[int], reps: int) -> dict:
     """Median seconds of one EOT forward+backward (k draws) per chunk size."""
+    def once(c: int) -> float:
+        xa = x.clone().requires_grad_(True)
+        synchronize(x.device)
+        t0 = time.perf_counter()
+        torch.autograd.grad(torch.nn.functional.nll_loss(EOT(net, k, c)(xa), y), xa)
+        synchronize(x.device)
+        return time.perf_counter() - t0
+
+    if x.device.type == "cuda":  # as in compare: one untimed round warms the GPU up
+        for c in chunks:
+            once(c)
     times: dict[int, list[float]] = {c: [] for c in chunks}
     for r in range(reps):
         for c in chunks if r % 2 == 0 else chunks[::-1]:
-            xa = x.clone().requires_grad_(True)
-            sync(x.device)
-            t0 = time.perf_counter()
-            loss = torch.nn.functional.nll_loss(EOT(net, k, c)(xa), y)
-            torch.autograd.grad(loss, xa)
-            sync(x.device)
-            if r > 0 or x.device.type != "cuda":  # the first GPU round warms up
-                times[c].append(time.perf_counter() - t0)
+            times[c].append(once(c))
     return {c: statistics.median(t) for c, t in times.items()}
 
 
@@ -139,8 +140,6 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    if device.type == "cuda" and a.reps < 2:
-        ap.error("--reps must be >= 2 on a GPU (the first chunk-sweep round is a warm-up)")
     import torchattacks
 
     net, model = load(a.model, device)

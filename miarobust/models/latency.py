@@ -152,14 +152,18 @@ def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         active.remove(int(np.argmin(coef)))
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a no-op on the CPU), so a wall-clock time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(model: nn.Module, x: torch.Tensor) -> float:
     """Seconds of one call `model(x)` (CUDA synchronised on both sides)."""
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
+    synchronize(x.device)
     t = time.perf_counter()
     model(x)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
+    synchronize(x.device)
     return time.perf_counter() - t
 
 
