@@ -33,7 +33,7 @@ from miarobust.attacks import ATTACKS, AttackConfig, AttackInfo, Victim, build_a
 from miarobust.attacks.threat import ThreatModel
 from miarobust.errors import UserError
 from miarobust.models.registry import file_sha256
-from miarobust.results import CONFIG, PARTIAL, SAMPLES, SUMMARY, run_id, write_csv, write_json
+from miarobust.results import CONFIG, CSV_FLOAT, PARTIAL, SAMPLES, SUMMARY, run_id, write_csv, write_json
 from miarobust.stats import wilson
 
 log = logging.getLogger(__name__)
@@ -449,7 +449,9 @@ def finish(cfg: RunConfig, ev: Evaluation, folder: Path, seconds: float) -> dict
     summary = summarize(cfg, samples, ev.attacks, ev.draws, extra)
     from miarobust.models.flops import VitDims, static_macs
 
-    static = static_macs(VitDims.of(ev.model)) / 1e9  # what the backbone costs with every gate open
+    # what the backbone costs with every gate open, rounded as samples.csv stores per-image GMACs (so that
+    # full gates give a share of exactly 1)
+    static = float(CSV_FLOAT % (static_macs(VitDims.of(ev.model)) / 1e9))
     summary["gmacs"]["static"] = static
     summary["gmacs"]["clean_share_of_static"] = summary["gmacs"]["clean_mean"] / static
     summary["gmacs"]["adv_share_of_static"] = {a: v / static for a, v in summary["gmacs"]["adv_mean"].items()}

@@ -53,9 +53,12 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
+CSV_FLOAT = "%.6g"  # six significant digits: last-bit noise of float arithmetic does not reach the file
+
+
 def write_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> None:
     """Atomically write a CSV with a fixed float format, so equal results give equal bytes."""
-    write_text(path, frame.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
+    write_text(path, frame.to_csv(index=False, float_format=CSV_FLOAT, lineterminator="\n"))
 
 
 def run_id(config: dict[str, Any]) -> str:

@@ -157,6 +157,45 @@ def test_sliced_weight_cache_follows_weight_updates() -> None:
     assert not blk._slices and blk.attn.qkv.weight.grad is not None
 
 
+def test_clear_caches_sees_writes_through_data() -> None:
+    """`.data` writes bypass the version counter the cache is keyed on; clear_caches() is the way out."""
+    _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
+    blk = mia.blocks[0]
+    tokens = mia._pos_embed(mia.patch_embed(x[:1]))
+    n = tokens.shape[1]
+    gates = (torch.ones(1), torch.tensor([[1.0, 0.0, 1.0, 0.0]]), torch.ones(1, n))
+    with torch.no_grad():
+        blk.forward_sliced(tokens, *gates)
+        blk.attn.qkv.weight.data.mul_(0.5)
+        assert mia.clear_caches() is mia and not blk.__dict__.get("_slices")
+        after = blk.forward_sliced(tokens, *gates)
+        expected = blk.forward_masked(tokens, *gates)
+    assert (after - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_block_with_no_heads_is_countable_without_autograd(fused: bool) -> None:
+    """A running block that keeps no head adds only proj's bias; without autograd that tensor must not
+    require grad (FlopCounterMode's module tracker asserted on it in the unfused path)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
+    for head in mia.controller:  # every block runs, every head off
+        torch.nn.init.zeros_(head.cls.weight)
+        head.cls.bias.data = torch.tensor([5.0] + [-5.0] * (head.cls.out_features - 1))
+    for blk in mia.blocks:
+        blk.attn.fused_attn = fused
+    for batch in (x[:1], x):
+        with FlopCounterMode(display=False), torch.no_grad():
+            y = mia(batch)
+        assert not y.requires_grad and bool(mia.last.heads.eq(0).all())
+
+
+def test_class_token_is_required() -> None:
+    with pytest.raises(ValueError, match="class token"):
+        timm.create_model("mia_vit_fmnist", class_token=False, global_pool="avg")
+
+
 def test_sliced_weight_cache_is_bounded() -> None:
     _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
     blk = mia.blocks[0]

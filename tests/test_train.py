@@ -50,3 +50,34 @@ def test_mia_stages_from_static_then_from_mia(cli, tmp_path) -> None:
 def test_teacher_is_for_mia_only(cli, tmp_path) -> None:
     r = cli("train", "--model", "vit_fmnist", "--data", "synthetic", "--teacher", "x.safetensors", "--out", str(tmp_path / "t"))
     assert r.code == 2 and "mia_" in r.err and "Traceback" not in r.err
+
+
+def test_mia_training_interrupted_then_resumed_equals_uninterrupted(cli, tmp_path, monkeypatch) -> None:
+    """Stopped after epoch 1 and run again, the hybrid training ends where an uninterrupted run ends: the
+    optimiser, the schedule and REINFORCE's moving-average baseline all carry over. `--init` takes a shipped name."""
+    import miarobust.train.loop as loop
+
+    common = ["train", "--model", "mia_vit_fmnist", "--init", "vit_fmnist", "--data", "synthetic", "--epochs", "2",
+              "--batch-size", "64", "--budget", "0.6"]
+    r = cli(*common, "--out", str(tmp_path / "whole"))
+    assert r.code == 0, r.err
+
+    plot = loop.plot_curves
+
+    def stop_after_first_epoch(*args, **kwargs):  # called once an epoch's weights and state are written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "plot_curves", stop_after_first_epoch)
+    r = cli(*common, "--out", str(tmp_path / "split"))
+    assert r.code != 0 and len(pd.read_csv(tmp_path / "split" / "log.csv")) == 1
+    state = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
+    assert state["epoch"] == 1 and isinstance(state["carried"]["b"], float)
+    monkeypatch.setattr(loop, "plot_curves", plot)
+    r = cli(*common, "--out", str(tmp_path / "split"))
+    assert r.code == 0, r.err
+
+    whole, split = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "split"))
+    assert whole.keys() == split.keys()
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+    a, b = (pd.read_csv(tmp_path / d / "log.csv") for d in ("whole", "split"))
+    pd.testing.assert_frame_equal(a, b)

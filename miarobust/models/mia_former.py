@@ -286,7 +286,8 @@ class MIABlock(_Uncopied, Block):
 
         Without autograd through the weights the slices are cached per head pattern (a few per block, at
         most twice the block's attention weights in memory), keyed on the weights' storage and version
-        counter, so an in-place update, a reload or a move invalidates them.
+        counter, so an in-place update, a reload or a move invalidates them. A write through `.data`
+        bypasses the version counter: after one, call `MIAFormer.clear_caches()`.
         """
         a = self.attn
         d = a.qkv.in_features
@@ -327,7 +328,8 @@ class MIABlock(_Uncopied, Block):
         b, m, d = h.shape
         hk = len(keep)
         if hk == 0:
-            return (b_proj if b_proj is not None else h.new_zeros(d)).expand(b, m, d)
+            bias = h.new_zeros(d) if b_proj is None else b_proj if torch.is_grad_enabled() else b_proj.detach()
+            return bias.expand(b, m, d)  # detached without autograd: a view of a parameter would require grad
         if hk < nh:
             w_qkv, b_qkv, w_proj = self._sliced_weights(keep)
         q, k, v = F.linear(h, w_qkv, b_qkv).reshape(b, m, 3, hk, hd).permute(2, 0, 3, 1, 4).unbind(0)
@@ -449,6 +451,8 @@ class MIAFormer(_Uncopied, VisionTransformer):
     def __init__(self, *args: Any, gate_mode: str = "deterministic", tau: float = 1.0,
                  controller_bias: float = 3.0, **kwargs: Any):
         super().__init__(*args, block_fn=MIABlock, **kwargs)
+        if self.cls_token is None:  # the decision heads read it, and it is the token that always runs
+            raise ValueError("MIA-Former needs a class token: build it with class_token=True")
         self.controller = nn.ModuleList(
             DecisionHead(self.embed_dim, blk.attn.num_heads, controller_bias) for blk in self.blocks
         )
@@ -470,6 +474,15 @@ class MIAFormer(_Uncopied, VisionTransformer):
         """The model's dimensions, cached until a layer, parameter or buffer is assigned anywhere
         (`_tree_version`: timm's set_input_size and reset_classifier assign some)."""
         return self._memo("_dims_cache", _tree_version[0], lambda: VitDims.of(self))
+
+    def clear_caches(self) -> MIAFormer:
+        """Drop every cached derivative of the weights (sliced head weights, functional-op arguments). Needed
+        only after weights were written through `.data`, which torch's version counters do not see."""
+        for module in self.modules():
+            if isinstance(module, _Uncopied):
+                for name in module._caches:
+                    module.__dict__.pop(name, None)
+        return self
 
     def _masked(self) -> bool:
         if self.execution != "auto":

@@ -1,7 +1,8 @@
 """The epoch loop shared by every trainer: batches, progress bar, evaluation, per-epoch resume, curves.
 
 Per epoch it writes (atomically) into the run folder: `model.safetensors` (weights only), `state.pt`
-(optimizer, scheduler, epoch, RNG; tensors and plain values, loaded with weights_only=True),
+(optimizer, scheduler, epoch and the trainer's own running values, such as REINFORCE's baseline; tensors
+and plain values, loaded with weights_only=True; no RNG state: each epoch reseeds from the seed),
 `log.csv` (one row per epoch) and `curves.png`.
 """
 
@@ -115,8 +116,13 @@ def fit(
     step: Step,
     evaluate: Evaluate,
     on_epoch_start: Callable[[int], None] | None = None,
+    carried: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """Train for cfg.epochs, resuming from cfg.out/state.pt; returns the per-epoch log."""
+    """Train for cfg.epochs, resuming from cfg.out/state.pt; returns the per-epoch log.
+
+    carried: the trainer's running values that `step` updates in place (plain numbers or None), saved with
+    each epoch and restored on resume, so a resumed run continues as if it had not stopped.
+    """
     from safetensors.torch import save
 
     out = Path(cfg.out)
@@ -136,6 +142,8 @@ def fit(
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             start = int(state["epoch"])
+            if carried is not None:
+                carried.update(state.get("carried", {}))
             rows = pd.read_csv(out / "log.csv").to_dict("records")[:start]
         except Exception as e:  # noqa: BLE001
             raise UserError(f"cannot resume from {out} ({e}): delete the folder or choose another --out.") from e
@@ -173,7 +181,8 @@ def fit(
         write_bytes(out / "model.safetensors", save(weights, metadata={"epoch": str(epoch + 1)}))
         write_csv(out / "log.csv", frame)
         buf = io.BytesIO()
-        torch.save({"model": weights, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1}, buf)
+        torch.save({"model": weights, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
+                    "carried": dict(carried or {})}, buf)
         write_bytes(state_file, buf.getvalue())
         plot_curves(frame, out / "curves.png", f"{cfg.model} on {cfg.data}")
     return pd.DataFrame(rows)

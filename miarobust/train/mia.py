@@ -111,15 +111,16 @@ def train_mia(cfg: TrainConfig) -> None:
     """Train `cfg.model` (an mia_* model) at cost budget `cfg.budget` from the checkpoint `cfg.init`."""
     from miarobust.models import create
     from miarobust.models.flops import static_macs
-    from miarobust.models.registry import read_state_dict
+    from miarobust.models.registry import read_state_dict, resolve_checkpoint
 
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     static_name = cfg.model.removeprefix("mia_")
-    init_is_mia = cfg.init is not None and any(k.startswith("controller.") for k in read_state_dict(cfg.init))
-    teacher_file = cfg.extra.get("teacher") or (None if init_is_mia else cfg.init)
+    init_file = resolve_checkpoint(cfg.init) if cfg.init is not None else None  # a file or a shipped name
+    init_is_mia = init_file is not None and any(k.startswith("controller.") for k in read_state_dict(init_file))
+    teacher_file = cfg.extra.get("teacher") or (None if init_is_mia else init_file)
     teacher_backbone = create(static_name, checkpoint=teacher_file)  # shipped static weights when None
-    init = cfg.init or teacher_backbone.checkpoint
+    init = init_file or teacher_backbone.checkpoint
     teacher = Normalized(teacher_backbone).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -134,7 +135,7 @@ def train_mia(cfg: TrainConfig) -> None:
     flops_lambda = float(cfg.extra.get("flops_lambda", 1.0))
     kd_weight = float(cfg.extra.get("kd_weight", KD_WEIGHT))
     cost, table = cost_ratio(cfg, backbone, teacher_backbone, dims, full)
-    baseline = {"b": None}
+    baseline: dict[str, float | None] = {"b": None}  # carried across epochs and resumes by `fit`
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         backbone.set_gate_mode("gumbel")
@@ -178,4 +179,4 @@ def train_mia(cfg: TrainConfig) -> None:
     controller = [p for n, p in model.named_parameters() if ".controller." in f".{n}"]
     others = [p for n, p in model.named_parameters() if ".controller." not in f".{n}"]
     groups = [{"params": others, "lr": cfg.lr}, {"params": controller, "lr": cfg.lr * 10, "weight_decay": 0.0}]
-    fit(cfg, backbone, groups, train_set, step, evaluate)
+    fit(cfg, backbone, groups, train_set, step, evaluate, carried=baseline)
