@@ -258,13 +258,13 @@ def autoattack_flags(ev: Any) -> dict[str, Any]:
     On a stochastic model attacked through EOT (K >= 2 gate draws per gradient) AutoAttack's randomness
     warning is expected, not a flag: the model is random by design, the run averages over its draws, and
     check 5 judges whether K draws are enough. Without EOT it flags, as AutoAttack advises."""
-    runs = [(info, fn) for info, fn in zip(ev.attacks, ev.attack_fns) if hasattr(fn, "warnings")]
+    runs = [info for info, fn in zip(ev.attacks, ev.attack_fns) if hasattr(fn, "warnings")]
     if not runs:
         return result("skip", None, "no AutoAttack attack in this run")
     warned, expected = set(), set()
-    for info, fn in runs:
+    for info in runs:
         eot = info.eot(ev.acfg) > 1 and ev.victim.stochastic
-        for w in fn.warnings:
+        for w in (w for batch in ev.warnings.values() for w in batch.get(info.name, [])):
             (expected if eot and RANDOMNESS_WARNING in w else warned).add(w)
     if warned:
         return result("flag", sorted(warned)[:5], "AutoAttack's checks warned: " + " | ".join(sorted(warned)[:3]))

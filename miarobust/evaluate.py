@@ -175,6 +175,9 @@ class Evaluation:
         self.acfg = acfg
         self.attack_fns = [build_attack(info, self.victim, acfg) for info in self.attacks]
         self.num_batches = (self.n + cfg.batch_size - 1) // cfg.batch_size
+        # per batch, the warnings of AutoAttack's own checks by attack (kept in partial/ beside the batch's
+        # records, so a resumed or distributed run judges every batch, not just this process's)
+        self.warnings: dict[int, dict[str, list[str]]] = {}
 
     # -- one batch --------------------------------------------------------------------------------------
     def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -217,11 +220,15 @@ class Evaluation:
         rec: dict[str, Any] = {"index": idx.numpy(), "label": y.cpu().numpy(), "clean_pred": clean["pred"].cpu().numpy(),
                                "clean_correct": clean["correct"].cpu().numpy(), "clean_gmacs": clean["gmacs"].cpu().numpy()}
         worst = clean["correct"].clone()
+        warned: dict[str, list[str]] = {}
         for info, fn in zip(self.attacks, self.attack_fns):
             if info.name == "none":
                 continue
             torch.manual_seed(batch_seed(self.cfg.seed, b) + 1 + list(ATTACKS).index(info.name))
+            before = len(getattr(fn, "warnings", ()))
             x_adv = fn(x, y).detach()
+            if hasattr(fn, "warnings"):  # an AutoAttack attack: what its checks said on this batch
+                warned[info.name] = fn.warnings[before:]
             dist = self.threat.check(x, x_adv, info.name)
             adv = self.predict(x_adv, y)
             a = info.name
@@ -234,6 +241,7 @@ class Evaluation:
             rec[f"{a}_dist"] = dist.cpu().numpy()
             worst = torch.minimum(worst, adv["correct"])
         rec["robust"] = worst.cpu().numpy()
+        self.warnings[b] = warned
         return pd.DataFrame(rec)
 
 
@@ -256,7 +264,7 @@ def summarize(cfg: RunConfig, samples: pd.DataFrame, attacks: list[AttackInfo], 
         entry = prop(f"{a}_correct")
         entry.update({
             "gmacs_mean": float(samples[f"{a}_gmacs"].mean()),
-            "eot": info.eot(acfg, stochastic) if info.own_eot <= 1 else info.own_eot,
+            "eot": info.draws(acfg, stochastic),
             "adaptive": info.adaptive(acfg),
             "label": ("adaptive" if info.adaptive(acfg) else "non-adaptive") if stochastic else "deterministic-model",
             "max_dist": float(samples[f"{a}_dist"].max()) if n else 0.0,
@@ -313,6 +321,10 @@ def partial_name(b: int) -> str:
     return f"batch_{b:06d}.csv"
 
 
+def warnings_name(b: int) -> str:
+    return f"batch_{b:06d}.warnings.json"
+
+
 def batches_todo(folder: Path, num_batches: int, rank: int = 0, world: int = 1) -> Iterator[int]:
     """Batches of this rank (b % world == rank) not yet saved in folder/partial."""
     done = {p.name for p in (folder / PARTIAL).glob("batch_*.csv")}
@@ -364,6 +376,8 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1) ->
         try:
             for b in bar:
                 frame = ev.run_batch(b)
+                if ev.warnings[b]:  # before the records, whose file marks the batch done
+                    write_json(folder / PARTIAL / warnings_name(b), ev.warnings[b])
                 write_csv(folder / PARTIAL / partial_name(b), frame)
                 bar.set_postfix(clean=f"{frame['clean_correct'].mean():.3f}", robust=f"{frame['robust'].mean():.3f}")
         except Exception as e:  # noqa: BLE001  (re-raised below, once every rank knows)
@@ -442,6 +456,10 @@ def finish(cfg: RunConfig, ev: Evaluation, folder: Path, seconds: float) -> dict
     if len(parts) != ev.num_batches:
         raise RuntimeError(f"{folder}: {len(parts)} of {ev.num_batches} batches present after the run")
     samples = pd.concat([pd.read_csv(p) for p in parts], ignore_index=True)
+    for b in range(ev.num_batches):  # every batch's AutoAttack warnings, whichever process ran it
+        saved = folder / PARTIAL / warnings_name(b)
+        if saved.is_file():
+            ev.warnings[b] = json.loads(saved.read_text())
     write_csv(folder / SAMPLES, samples)
     samples = pd.read_csv(folder / SAMPLES)  # summarise what is on disk, so summary == f(samples.csv)
     extra: dict[str, Any] = {"gate_mode": ev.mia.gate_mode.value if ev.mia else None, "wall_seconds": seconds,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -118,3 +119,23 @@ def test_an_explicit_eot_is_kept_and_only_a_missing_one_takes_the_attacks_defaul
     assert [pgd.eot(AttackConfig(eps=0.1, eot=k)) for k in (None, 4)] == [1, 4]
     assert eot_pgd.eot(AttackConfig(eps=0.1, eot=4), stochastic=False) == 1
     assert not eot_pgd.adaptive(AttackConfig(eps=0.1, eot=1)) and eot_pgd.adaptive(AttackConfig(eps=0.1))
+
+
+def test_labels_say_what_each_attack_averaged(cli, tmp_path):
+    """With --eot 2 on the stochastic gates: transfer (a static surrogate) and slowdown (one draw) do not
+    average the target's gate draws and are non-adaptive; autoattack-rand runs its own 20 EOT iterations
+    on top of the wrapper's 2, so 40 draws per gradient."""
+    k2 = AttackConfig(eps=0.1, eot=2)
+    for name in ("transfer", "slowdown"):
+        info = get_attack(name, k2)
+        assert info.eot(k2) == 1 and info.draws(k2) == 1 and not info.adaptive(k2)
+    rand = get_attack("autoattack-rand", k2)
+    assert rand.draws(k2) == 40 and rand.draws(AttackConfig(eps=0.1)) == 20 and rand.adaptive(AttackConfig(eps=0.1))
+    r = cli("run", "--model", "mia_vit_fmnist", "--gate-mode", "stochastic", "--eval-samples", "2", "--eot", "2",
+            "--attack", "pgd,transfer", "--eps", "2/255", "--steps", "2", "-n", "4", "--checks", "off", "--out", str(tmp_path))
+    assert r.code == 0, r.err
+    (folder,) = tmp_path.glob("mia_vit_fmnist-*")
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["attacks"]["pgd"]["label"] == "adaptive" and summary["attacks"]["pgd"]["eot"] == 2
+    assert summary["attacks"]["transfer"]["label"] == "non-adaptive" and summary["attacks"]["transfer"]["eot"] == 1
+    assert summary["non_adaptive"]

@@ -201,3 +201,26 @@ def test_folder_of_other_weights_is_not_reused(cli, tmp_path):
     r = cli(*args)
     assert r.code == 2 and "other weights" in r.err and "delete the folder or choose another --out" in r.err
     assert sorted(p.read_bytes() for p in folder.rglob("*") if p.is_file()) == before  # nothing rewritten
+
+
+def test_autoattack_warnings_of_earlier_batches_survive_a_resume(tmp_path, monkeypatch):
+    """Check 6 reads AutoAttack's warnings of every batch, including those of a process that stopped before
+    the summary (they are kept in partial/ beside the batch's records): same verdict as one uninterrupted run."""
+    from miarobust import checks, evaluate
+
+    monkeypatch.setattr(checks, "CHECKS", ("robust_le_clean", "autoattack_flags"))  # the other checks: not tested here
+    cfg = RunConfig(model="mia_vit_fmnist", gate_mode="stochastic", eval_samples=2, attacks=("apgd-ce",), n=2,
+                    batch_size=1, checks="on", out=str(tmp_path))
+    finish = evaluate.finish
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "finish", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, progress=False)
+    monkeypatch.setattr(evaluate, "finish", finish)
+    monkeypatch.setattr(Evaluation, "run_batch", lambda self, b: pytest.fail("a finished batch was recomputed"))
+    flags = run(cfg, progress=False).summary["checks"]["autoattack_flags"]
+    # APGD without EOT on the stochastic gates: AutoAttack's randomness warning, a flag (as in one process)
+    assert flags["status"] == "flag" and any(checks.RANDOMNESS_WARNING in w for w in flags["value"]), flags

@@ -90,15 +90,20 @@ class AttackInfo:
     build: Callable[[Victim, AttackConfig], AttackFn]
     norms: tuple[str, ...] = ("Linf", "L2")
     default_eot: int = 1  # the attack's K when --eot is not given
-    own_eot: int = 0  # EOT iterations the attack runs itself (autoattack-rand)
+    own_eot: int = 0  # EOT iterations the attack runs itself (autoattack-rand), on top of --eot's
+    takes_eot: bool = True  # False: its gradient never averages the victim's gate draws, whatever --eot says
     white_box: bool = True  # attacks accuracy through the victim's own gradients (the checks compare with Square)
     stepped: bool = False  # its strength follows --steps / --restarts (the checks rerun it with more)
 
     def eot(self, cfg: AttackConfig, stochastic: bool = True) -> int:
         """K of the EOT wrapper this attack uses under `cfg` (1 on a deterministic model: draws are all equal)."""
-        if not stochastic:
+        if not stochastic or not self.takes_eot:
             return 1
         return self.default_eot if cfg.eot is None else cfg.eot
+
+    def draws(self, cfg: AttackConfig, stochastic: bool = True) -> int:
+        """Gate draws behind each of the attack's gradients: the EOT wrapper's K times its own EOT iterations."""
+        return self.eot(cfg, stochastic) * max(1, self.own_eot)
 
     def adaptive(self, cfg: AttackConfig) -> bool:
         """Whether the attack averages over gate draws (required to claim a number on a stochastic model)."""
@@ -252,7 +257,7 @@ ATTACKS: dict[str, AttackInfo] = {
         AttackInfo("bpda-pgd", "PGD through straight-through gates (BPDA), EOT when --eot > 1", build_bpda_pgd,
                    stepped=True),
         AttackInfo("transfer", "PGD on a static surrogate (--surrogate), evaluated on the target", build_transfer,
-                   white_box=False),
+                   white_box=False, takes_eot=False),  # the target's gates are never seen: non-adaptive
         AttackInfo("apgd-ce", "APGD on cross-entropy (pyautoattack)", _autoattack(["apgd-ce"], "custom")),
         AttackInfo("apgd-dlr", "APGD on the DLR loss (pyautoattack)", _autoattack(["apgd-dlr"], "custom")),
         AttackInfo("square", "Square Attack, black-box, 5000 queries (pyautoattack)", _autoattack(["square"], "custom"),
@@ -262,7 +267,7 @@ ATTACKS: dict[str, AttackInfo] = {
         AttackInfo("autoattack-rand", "AutoAttack rand: APGD-CE and APGD-DLR with EOT 20 (pyautoattack)",
                    _autoattack(None, "rand"), own_eot=20),
         AttackInfo("slowdown", "energy attack: maximise the MACs an adaptive model spends", build_slowdown,
-                   white_box=False),  # gradient-based, but it does not aim at accuracy
+                   white_box=False, takes_eot=False),  # gradient-based on one gate draw; it does not aim at accuracy
     )
 }
 

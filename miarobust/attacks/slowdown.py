@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from miarobust.attacks.pgd import pgd
 
 
-def build(victim, cfg, eot: int = 1):  # noqa: ANN001, ANN201  (types in attacks/__init__)
+def build(victim, cfg, eot: int = 1):  # noqa: ANN001, ANN201  (types in attacks/__init__; eot unused: takes_eot=False)
     if victim.mia is None:
         return lambda x, y: x
     from miarobust.models.flops import VitDims, static_macs
