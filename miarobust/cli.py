@@ -138,6 +138,9 @@ def make_run_config(kw: dict[str, Any]) -> Any:
     attacks = tuple(a.strip() for a in kw.pop("attack").split(",") if a.strip())
     if not attacks:
         raise UserError("--attack is empty: name an attack (see `miarobust list`).")
+    twice = sorted({a for a in attacks if attacks.count(a) > 1})
+    if twice:
+        raise UserError(f"--attack names {', '.join(twice)} twice: name each attack once.")
     if kw["norm"] == "Linf" and eps >= 1:
         raise UserError(f"--eps {eps_text} is >= 1: an Linf ball that large covers every image in [0, 1]; use e.g. 8/255.")
     return RunConfig(eps=eps, eps_text=eps_text, alpha=alpha[0] if alpha else None, attacks=attacks, **kw)

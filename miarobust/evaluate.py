@@ -161,7 +161,12 @@ class Evaluation:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.victim = Victim(self.model, self.mia, self.device)
-        self.dataset: Dataset = load_dataset(cfg.data, Geometry.of(backbone), cfg.data_root, cfg.split)
+        geometry = Geometry.of(backbone)
+        diameter = (geometry.channels * geometry.height * geometry.width) ** 0.5
+        if cfg.norm == "L2" and cfg.eps >= diameter:  # like Linf eps >= 1: the ball covers every image
+            raise UserError(f"--eps {cfg.eps_text} is >= {diameter:.4g}, the L2 diameter of {cfg.model}'s "
+                            f"{geometry.channels}x{geometry.height}x{geometry.width} images in [0, 1]: use e.g. 0.5.")
+        self.dataset: Dataset = load_dataset(cfg.data, geometry, cfg.data_root, cfg.split)
         classes = getattr(self.dataset, "num_classes", None)
         out_dim = backbone.num_classes
         if classes is not None and classes > out_dim:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,19 @@ class RegressConfig:
     jobs: int = 1  # re-runs in this many worker processes, the CPU threads split between them
 
 
+def _is_a(value: Any, hint: Any) -> bool:
+    """Whether a value read from JSON has the type `hint` of a RunConfig field (an int passes for a float)."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(_is_a(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, tuple) and all(_is_a(v, typing.get_args(hint)[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return value is None if hint is type(None) else isinstance(value, hint)
+
+
 def run_config(config: dict[str, Any], folder_name: str | None = None) -> Any:
     """The RunConfig recorded in config.json, with the identity that produced `folder_name`.
 
@@ -60,8 +75,13 @@ def run_config(config: dict[str, Any], folder_name: str | None = None) -> Any:
 
     names = {f.name for f in dataclasses.fields(RunConfig)}
     kw = {k: v for k, v in config.items() if k in names}
-    if "attacks" in kw:
+    if isinstance(kw.get("attacks"), list):
         kw["attacks"] = tuple(kw["attacks"])
+    hints = typing.get_type_hints(RunConfig)
+    wrong = [f"{k} = {v!r}" for k, v in kw.items() if not _is_a(v, hints[k])]
+    if wrong:
+        raise UserError(f"config.json of {folder_name} has values of the wrong type ({'; '.join(wrong)[:200]}): "
+                        "regenerate that run.")
     try:
         recorded = RunConfig(**kw)
     except TypeError as e:
@@ -180,7 +200,7 @@ def regress(cfg: RegressConfig) -> pd.DataFrame:
     if cfg.jobs < 1:
         raise UserError(f"--jobs {cfg.jobs} must be at least 1, e.g. 2 on a 2-core CPU.")
     baseline = Path(cfg.baseline)
-    runs, skipped = load_runs(baseline)
+    runs, skipped = load_runs(baseline, warn=False)  # any skipped run is an error, which names it
     if skipped:
         raise UserError(f"the baseline {baseline} has unfinished or corrupt runs: "
                         + "; ".join(f"{s.folder.name} ({s.reason})" for s in skipped) + ". Fix or remove them.")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,10 @@ INTEGRITY_TOL = 1e-6
 WORST = "worst-case"
 PLOTS = ("accuracy_vs_gmacs", "robust_vs_eps", "gmacs_hist", "robust_vs_eot")
 AUTOATTACKS = ("autoattack", "autoattack-rand")
+
+#: Columns of report.csv that hold numbers (None where a run has none); anything else there is corruption.
+NUMERIC = ("eps", "steps", "eval_samples", "n", "eot", "clean_acc", "clean_ci_lo", "clean_ci_hi", "robust_acc", "ci_lo",
+           "ci_hi", "gmacs_clean", "gmacs_adv")
 
 #: Columns of report.csv, in order.
 COLUMNS = ["data", "model", "gate_mode", "params", "norm", "eps", "eps_text", "attack", "label", "eot", "steps",
@@ -131,9 +136,14 @@ def load_run(folder: Path) -> Run:
     run = Run(folder, config, summary, samples)
     try:
         run.integrity = check_integrity(summary, samples)
-        run_rows(run, params=False)
+        rows = run_rows(run, params=False)
     except (KeyError, TypeError, IndexError, ValueError, AttributeError) as e:
         raise RunSkipped(f"corrupt: summary.json has an unexpected layout ({type(e).__name__}: {e})") from e
+    for row in rows:
+        for col in NUMERIC:
+            v = row[col]
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise RunSkipped(f"corrupt: summary.json gives {col} of {row['attack']} as {v!r}, not a number")
     for msg in run.integrity:
         log.warning("%s: %s", folder, msg)
     return run
@@ -155,8 +165,9 @@ def check_integrity(summary: dict[str, Any], samples: pd.DataFrame) -> list[str]
     return problems
 
 
-def load_runs(root: str | Path) -> tuple[list[Run], list[Skipped]]:
-    """Every reportable run below `root`, and the folders skipped (with why). UserError when there is none."""
+def load_runs(root: str | Path, warn: bool = True) -> tuple[list[Run], list[Skipped]]:
+    """Every reportable run below `root`, and the folders skipped (with why, logged as warnings unless `warn`
+    is False). UserError when there is none."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder: pass the folder that `miarobust run --out` wrote into.")
@@ -168,11 +179,12 @@ def load_runs(root: str | Path) -> tuple[list[Run], list[Skipped]]:
         try:
             runs.append(load_run(folder))
         except RunSkipped as e:
-            log.warning("skipping %s: %s", folder, e)
             skipped.append(Skipped(folder, str(e)))
-    if not runs:
+    if not runs:  # one line that names every folder, not a warning for each first
         names = "; ".join(f"{s.folder.name} ({s.reason})" for s in skipped)
         raise UserError(f"no finished run below {root}, all {len(skipped)} skipped: {names}.")
+    for s in skipped if warn else ():
+        log.warning("skipping %s: %s", s.folder, s.reason)
     return runs, skipped
 
 
@@ -634,6 +646,12 @@ def write_report(root: str | Path, out: str | Path | None = None, pdf: bool = Fa
     root = Path(root)
     runs, skipped = load_runs(root)
     out = Path(out) if out is not None else root
+    try:  # a folder this process can write into, before anything is written
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise UserError(f"cannot write the report into {out} ({e.strerror or e}): pass --out with a folder you can "
+                        "write.") from None
     table = tidy(runs, params)
     files: list[Path] = []
 

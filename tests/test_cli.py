@@ -376,3 +376,37 @@ def test_every_row_of_docs_errors_names_a_test():
             assert "test_distributed (uses `-n`)" in row, row
         for module, func in named:
             assert f"def {func}(" in (tests / f"{module}.py").read_text(), (module, func)
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--norm", "L2", "--eps", "1e20"], "the L2 diameter"),
+    (["--norm", "L2", "--eps", "28"], "the L2 diameter"),  # sqrt(1 x 28 x 28): the ball covers the image box
+    (["--img-size", "9"], "not a multiple of vit_fmnist's patch size 4"),
+])
+def test_radius_or_size_the_model_cannot_take_exits_2(cli, tmp_path, args, says):
+    r = cli("run", "--model", "vit_fmnist", "-n", "4", "--checks", "off", *args, "--out", str(tmp_path / "out"))
+    assert r.code == 2 and says in r.err and len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_attack_named_twice_or_a_folder_as_checkpoint_exits_2(cli, tmp_path):
+    r = cli("run", "--attack", "fgsm,pgd,fgsm", "-n", "2", "--out", str(tmp_path / "out"))
+    assert r.code == 2 and "names fgsm twice" in r.err and len(r.err.strip().splitlines()) == 1
+    r = cli("run", "--checkpoint", str(tmp_path), "-n", "2", "--out", str(tmp_path / "out"))
+    assert r.code == 2 and "is a folder" in r.err and len(r.err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_static_weights_in_an_mia_model_warn_of_the_untrained_controller(caplog):
+    import logging
+
+    from miarobust.models import create
+
+    with caplog.at_level(logging.WARNING):
+        create("mia_vit_fmnist", checkpoint="vit_fmnist")
+    assert "untrained controller" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        create("mia_vit_fmnist", checkpoint="vit_fmnist", pretrained=False)  # training from it: expected, silent
+        create("mia_vit_fmnist")
+    assert "untrained controller" not in caplog.text

@@ -7,6 +7,7 @@ model that no longer predicts classes 0 and 1 (about 9 of 40 images lost).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -154,10 +155,17 @@ def test_run_config_of_a_shipped_checkpoint_name(cli, tmp_path):
     assert cfg.checkpoint == "mia_vit_fmnist_b05" and cfg.folder_name() == folder.name
 
 
-@pytest.mark.parametrize("case", ["missing-baseline", "empty-baseline", "runs-lack-a-run", "bad-level", "bad-jobs"])
+@pytest.mark.parametrize("case", ["missing-baseline", "empty-baseline", "runs-lack-a-run", "bad-level", "bad-jobs",
+                                  "config-of-wrong-types"])
 def test_bad_input_exits_2(cli, baseline, tmp_path, case):
     base, _ = baseline
-    args = {"missing-baseline": ["--baseline", str(tmp_path / "nope")],
+    if case == "config-of-wrong-types":  # valid JSON, but a string where the run's n belongs
+        base = tmp_path / "tampered"
+        shutil.copytree(baseline[0], base)
+        config = next(base.glob("*/config.json"))
+        config.write_text(json.dumps({**json.loads(config.read_text()), "n": "lots"}))
+    args = {"config-of-wrong-types": ["--baseline", str(base)],
+            "missing-baseline": ["--baseline", str(tmp_path / "nope")],
             "empty-baseline": ["--baseline", str((tmp_path / "empty").resolve())],
             "runs-lack-a-run": ["--baseline", str(base), "--runs", str(tmp_path / "empty")],
             "bad-level": ["--baseline", str(base), "--level", "1.5"],

@@ -181,3 +181,34 @@ def test_eps_plot_draws_each_eot_k_as_its_own_line() -> None:
     labels = sorted(label for ax in fig.axes for label in ax.get_legend_handles_labels()[1])
     assert labels == ["mia_vit_fmnist (stochastic), eot-pgd K=1", "mia_vit_fmnist (stochastic), eot-pgd K=4",
                       "mia_vit_fmnist (stochastic), pgd"]
+
+
+@pytest.mark.parametrize("tamper", ["acc-as-text", "eps-as-text", "n-as-bool"])
+def test_summary_with_values_of_the_wrong_type_is_skipped_as_corrupt(cli, runs_root, tmp_path, tamper):
+    """Valid JSON of the right layout but a string or a bool where a number belongs: the run is skipped as
+    corrupt, the report is written from the others (it used to end in a traceback with half the files written)."""
+    root = copy_runs(runs_root, tmp_path / "typed")
+    folder = next(root.glob("vit_fmnist-*-pgd+fgsm-*"))
+    summary = json.loads((folder / "summary.json").read_text())
+    if tamper == "acc-as-text":
+        summary["attacks"]["fgsm"]["acc"] = "abc"
+    elif tamper == "eps-as-text":
+        summary["eps"] = "big"
+    else:
+        summary["n"] = True
+    (folder / "summary.json").write_text(json.dumps(summary))
+    r = cli("report", str(root))
+    assert r.code == 0, r.err
+    assert f"skipped {folder}" in r.out
+    assert folder.name not in pd.read_csv(root / "report.csv")["folder"].tolist()
+    assert "not a number" in (root / "report.md").read_text()
+
+
+@pytest.mark.parametrize("where", ["a-file", "under-a-file"])
+def test_report_into_a_folder_that_cannot_be_made_is_a_user_error(cli, runs_root, tmp_path, where):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = blocker if where == "a-file" else blocker / "report"
+    r = cli("report", str(runs_root), "--out", str(out))
+    assert r.code == 2 and r.err.startswith("error: cannot write the report into") and len(r.err.strip().splitlines()) == 1
+    assert blocker.read_text() == "not a folder" and not (runs_root / "report.csv").exists()

@@ -64,6 +64,9 @@ def weights_file(name: str, checkpoint: str | os.PathLike[str] | None = None) ->
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """A state dict from safetensors or a timm/torch checkpoint, never unpickling code."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder: pass the .safetensors or .pth file inside it (a training run "
+                        "keeps model.safetensors), or a shipped name.")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: pass --checkpoint with an existing .safetensors or .pth "
                         f"file, or a shipped name ({', '.join(shipped_names())}).")
@@ -94,8 +97,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Load `sd` into `model` after timm's filter (position-embedding resize); only controller keys may be missing."""
+def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Load `sd` into `model` after timm's filter (position-embedding resize); only controller keys may be missing,
+    and those are returned (a static checkpoint in an MIA model: the controller keeps its initial weights)."""
     from timm.models.deit import checkpoint_filter_fn
 
     sd = checkpoint_filter_fn(sd, model)
@@ -107,6 +111,7 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: st
             f"{f' and {len(wrong) - 1} more' if len(wrong) > 1 else ''}): pick the matching --model or --num-classes."
         )
     missing, unexpected = model.load_state_dict(sd, strict=False)
+    controller = [k for k in missing if k.startswith("controller.")]
     missing = [k for k in missing if not k.startswith("controller.")]
     if missing or unexpected:
         names = (missing or unexpected)[:3]
@@ -114,6 +119,7 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: st
             f"checkpoint {source} does not match the model ({'missing' if missing else 'unexpected'} keys "
             f"{', '.join(names)}...): pick the matching --model."
         )
+    return controller
 
 
 def create(
@@ -134,9 +140,18 @@ def create(
         model = timm.create_model(name, pretrained=False, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
         raise UserError(f"cannot build {name} with {kwargs}: {e}") from e
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    size = kwargs.get("img_size")
+    if patch is not None and isinstance(size, int) and size % patch[0]:  # timm would silently drop the rest
+        raise UserError(f"--img-size {size} is not a multiple of {name}'s patch size {patch[0]}: use e.g. "
+                        f"{max(1, round(size / patch[0])) * patch[0]}.")
     source = resolve_checkpoint(checkpoint) if checkpoint else _default_weights(model) if pretrained else None
     if source is not None:
-        load_weights(model, read_state_dict(source), source)
+        untrained = load_weights(model, read_state_dict(source), source)
+        if untrained and pretrained:  # evaluating, not training from a static checkpoint
+            logging.getLogger(__name__).warning(
+                "%s holds no controller weights (a static checkpoint?): %s runs with an untrained controller, every "
+                "gate open with p = 0.95", source, name)
     elif pretrained:
         logging.getLogger(__name__).warning(
             "%s has no shipped weights and no --checkpoint was given: using random weights", name)
