@@ -34,7 +34,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from miarobust.attacks import AttackConfig, AttackInfo, build_attack, get_attack
+from miarobust.attacks import RANDOMNESS_WARNING, AttackConfig, AttackInfo, build_attack, get_attack
 from miarobust.attacks.threat import ThreatModel
 from miarobust.stats import wilson
 
@@ -249,7 +249,6 @@ def eot_convergence(ev: Any, samples: pd.DataFrame, m: int) -> dict[str, Any]:
                   f"within the CI half-width {hw:.3f}")
 
 
-RANDOMNESS_WARNING = "randomized defense"  # in AutoAttack's check_randomized warning
 
 
 def autoattack_flags(ev: Any) -> dict[str, Any]:

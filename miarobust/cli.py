@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import sys
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import click
@@ -210,7 +212,9 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
 
     m = create(model, pretrained=False, img_size=img_size, num_classes=num_classes)
     dims = VitDims.of(m)
-    click.echo(f"{model}: {static_macs(dims) / 1e9:.2f} GMACs per image at {dims.num_patches} patches "
+    gmacs = static_macs(dims) / 1e9
+    shown = f"{gmacs:.2f}" if gmacs >= 1 else f"{gmacs:.3g}"  # 4.60 for DeiT-S, 0.0118 for vit_fmnist
+    click.echo(f"{model}: {shown} GMACs per image at {dims.num_patches} patches "
                f"({sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters)")
     if model.startswith("mia_"):
         click.echo(f"  controller: {dims.depth * controller_macs(dims) / 1e9:.5f} GMACs when every block runs its decision heads")
@@ -227,6 +231,8 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
 @click.option("--lr", type=Finite(min=0, min_open=True), default=None, help="Default 1e-3 (static) / 5e-4 backbone, 10x for the controller (MIA).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--num-classes", type=click.IntRange(min=1), default=None,
+              help="Classifier outputs (default: the model's own; a folder with more classes needs it).")
 @click.option("--init", default=None, help="Checkpoint to start from. MIA: a static one (default: the shipped "
               "vit_fmnist) or an MIA one of the same model, for a further stage.")
 @click.option("--teacher", default=None, help="MIA: static checkpoint distilled from (default: --init if static, "
@@ -262,6 +268,7 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
     cfg = TrainConfig(model=model, out=out, epochs=epochs or (4 if mia else 12), lr=lr or (5e-4 if mia else 1e-3),
                       budget=budget, extra={"rl_weight": rl_weight, "flops_lambda": flops_lambda, "kd_weight": kd_weight, "teacher": teacher,
                              "cost": cost, "latency_table": latency_table} if mia else {}, **kw)
+    created = [p for p in (Path(out), *Path(out).parents) if not p.exists()]  # deepest first
     try:
         if mia:
             from miarobust.train.mia import train_mia
@@ -271,8 +278,14 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
             from miarobust.train.static import train_static
 
             train_static(cfg)
-    except KeyboardInterrupt:
-        click.echo(f"interrupted: finished epochs are kept in {out}; run the same command again to resume.", err=True)
+    except BaseException as e:
+        unfinished = created and not (Path(out) / "state.pt").exists()  # no epoch finished: nothing to resume
+        if unfinished:
+            shutil.rmtree(created[-1], ignore_errors=True)
+        if not isinstance(e, KeyboardInterrupt):
+            raise
+        click.echo("interrupted before the first epoch finished: nothing was kept." if unfinished else
+                   f"interrupted: finished epochs are kept in {out}; run the same command again to resume.", err=True)
         sys.exit(130)
     click.echo(f"done: weights in {out}/model.safetensors, log in {out}/log.csv, curves in {out}/curves.png")
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,7 +96,7 @@ def _read_idx(path: Path) -> np.ndarray:
         ndim = raw[3]
         dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
         data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-        return data.reshape(dims)
+        return data.reshape(dims).copy()  # writable: torch warns on every image read from a read-only buffer
     except (OSError, EOFError, ValueError, IndexError) as e:
         raise UserError(f"{path} is not a readable IDX file ({e}); reinstall dataset-fashion-mnist or fix --data-root.") from e
 
@@ -181,9 +182,24 @@ def cifar10(root: str | None, split: str, geometry: Geometry) -> TensorImages:
             labels.extend(int(v) for v in entry["labels"])
         except (KeyError, ValueError, TypeError) as e:
             raise UserError(f"{base / name} is not a CIFAR-10 batch file (no 32x32 RGB 'data' and 'labels': {e}).") from e
-    classes = tuple(_read_cifar(base / "batches.meta").get("label_names", ())) or tuple(str(i) for i in range(10))
+    meta = _read_cifar(base / "batches.meta") if (base / "batches.meta").is_file() else {}
+    classes = tuple(meta.get("label_names", ())) or tuple(str(i) for i in range(10))
     data = np.concatenate(images).transpose(0, 2, 3, 1)  # (N, 32, 32, 3), as torchvision holds it
     return TensorImages(data, np.asarray(labels), geometry, classes)
+
+
+def load_image(path: str) -> Any:
+    """An image file as an RGB PIL image; 16- and 32-bit integer greyscale scaled from 0..65535 (PIL's own
+    conversion clips them at 255: white)."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        wide = np.asarray(img, dtype=np.float64) / 65535
+        img = Image.fromarray(np.clip(np.round(wide * 255), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
 
 
 class CheckedImageFolder(Dataset):
@@ -198,10 +214,14 @@ class CheckedImageFolder(Dataset):
             interpolation=geometry.interpolation, crop_pct=geometry.crop_pct,
             mean=(0.0,) * 3, std=(1.0,) * 3,  # keep [0, 1]: the model normalises
         )
-        try:
-            self.folder = ImageFolder(str(root), transform=transform)
+        try:  # an empty class folder keeps its place in the class order (its index is the model's output index)
+            self.folder = ImageFolder(str(root), transform=transform, loader=load_image, allow_empty=True)
         except (FileNotFoundError, OSError) as e:
             raise UserError(f"{root} is not an image folder (one sub-folder of images per class): {e}") from e
+        if not len(self.folder):
+            raise UserError(f"{root} is not an image folder: its class folders ({', '.join(self.folder.classes[:5])}"
+                            f"{', ...' if len(self.folder.classes) > 5 else ''}) hold no images; point --data-root at "
+                            "the folder of class folders.")
         self.geometry, self.classes = geometry, tuple(self.folder.classes)
 
     def __len__(self) -> int:

@@ -269,6 +269,7 @@ def summarize(cfg: RunConfig, samples: pd.DataFrame, attacks: list[AttackInfo], 
         entry = prop(f"{a}_correct")
         entry.update({
             "gmacs_mean": float(samples[f"{a}_gmacs"].mean()),
+            **{f"gmacs_p{q}": float(samples[f"{a}_gmacs"].quantile(q / 100)) for q in (5, 50, 95)},
             "eot": info.draws(acfg, stochastic),
             "adaptive": info.adaptive(acfg),
             "label": ("adaptive" if info.adaptive(acfg) else "non-adaptive") if stochastic else "deterministic-model",
@@ -480,7 +481,9 @@ def finish(cfg: RunConfig, ev: Evaluation, folder: Path, seconds: float) -> dict
     summary["gmacs"]["adv_share_of_static"] = {a: v / static for a, v in summary["gmacs"]["adv_mean"].items()}
     from miarobust.checks import run_checks
 
+    started = time.time()
     summary["checks"] = run_checks(cfg, ev, samples, summary)
+    summary["checks_seconds"] = time.time() - started  # wall_seconds is the evaluation's
     write_json(folder / SUMMARY, summary)
     shutil.rmtree(folder / PARTIAL)  # with any temporary file a killed run left mid-write
     return summary

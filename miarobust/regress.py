@@ -131,8 +131,9 @@ def rerun_all(runs: list[Run], out: Path, device: str | None = None, jobs: int =
     import torch
 
     threads = max(1, torch.get_num_threads() // jobs)
-    # the longest (recorded wall time) first, so the last to finish is a short one
-    order = sorted(range(len(runs)), key=lambda i: -float(runs[i].summary.get("wall_seconds") or 0.0))
+    # the longest (recorded wall time of evaluation and checks) first, so the last to finish is a short one
+    order = sorted(range(len(runs)), key=lambda i: -sum(float(runs[i].summary.get(k) or 0.0)
+                                                       for k in ("wall_seconds", "checks_seconds")))
     ctx = multiprocessing.get_context("spawn")  # no fork of a process whose thread pools are running
     with ProcessPoolExecutor(max_workers=min(jobs, len(runs)), mp_context=ctx) as pool:
         futures = {i: pool.submit(_rerun_folder, runs[i].config, runs[i].name, str(out), device, threads) for i in order}

@@ -237,3 +237,20 @@ def test_run_writes_checks_to_summary(tmp_path, monkeypatch: pytest.MonkeyPatch)
     assert sorted(on_disk) == sorted(checks.CHECKS)
     assert all(v["status"] in ("pass", "flag", "skip") and v["message"] for v in on_disk.values())
     assert on_disk["eot_convergence"]["status"] != "skip" and on_disk["eot_convergence"]["value"]["eot"] == 2
+
+
+def test_expected_autoattack_warnings_are_recorded_but_not_printed(caplog: pytest.LogCaptureFixture) -> None:
+    """Through EOT on the stochastic gates AutoAttack's randomness warning is expected: check 6 still sees it,
+    the terminal does not (it printed once per batch, and from check 4's Square in runs without AutoAttack)."""
+    import logging
+
+    from miarobust.attacks import capture_autoattack_warnings
+
+    logger = logging.getLogger("auto-attack")
+    with caplog.at_level(logging.WARNING):
+        with capture_autoattack_warnings(quiet=lambda m: checks.RANDOMNESS_WARNING in m) as got:
+            logger.warning("it seems to be a randomized defense! Please use version='rand'.")
+            logger.warning("there are clean points with zero gradient!")
+    assert len(got) == 2
+    assert "randomized defense" not in caplog.text and "zero gradient" in caplog.text
+    assert not logger.filters  # removed on exit

@@ -257,3 +257,36 @@ def test_unreadable_root_message(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(UserError, match="not readable: fix its permissions"):
         load_dataset("folder", RGB224, root=str(tmp_path))
+
+
+def test_cifar10_without_batches_meta_names_classes_by_number(tmp_path, cifar_root):
+    import shutil
+
+    base = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(cifar_root / "cifar-10-batches-py", base)
+    (base / "batches.meta").unlink()
+    ds = load_dataset("cifar10", RGB32, root=str(tmp_path))
+    assert ds.classes == tuple(str(i) for i in range(10)) and len(ds) == 6
+
+
+def test_folder_keeps_an_empty_class_in_the_class_order(tmp_path, image_root):
+    """An empty class folder keeps its index (the model's output index); it used to reject the whole folder."""
+    import shutil
+
+    for c in ("cat", "dog"):
+        shutil.copytree(image_root / c, tmp_path / c)
+    (tmp_path / "cow").mkdir()  # sorts between cat and dog
+    ds = load_dataset("folder", RGB224, root=str(tmp_path))
+    assert ds.classes == ("cat", "cow", "dog") and ds.num_classes == 3
+    assert {ds[i][1] for i in range(len(ds))} == {0, 2}
+
+
+def test_folder_reads_16_bit_greyscale_on_its_full_range(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    wide = (np.arange(28 * 28, dtype=np.uint16).reshape(28, 28) * 80)  # up to 62,640 of 65,535
+    Image.fromarray(wide).save(tmp_path / "a" / "x.png")
+    x, _ = load_dataset("folder", Geometry(1, 28, 28), root=str(tmp_path))[0]
+    want = torch.from_numpy(np.round(wide / 65535 * 255) / 255).float()[None]
+    assert (x - want).abs().max() < 1e-6 and 0.9 < float(x.max()) < 0.96  # not clipped to white

@@ -81,3 +81,34 @@ def test_mia_training_interrupted_then_resumed_equals_uninterrupted(cli, tmp_pat
     assert all(torch.equal(whole[k], split[k]) for k in whole)
     a, b = (pd.read_csv(tmp_path / d / "log.csv") for d in ("whole", "split"))
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_folder_with_more_classes_than_outputs(cli, tmp_path) -> None:
+    """Twelve class folders: refused in one line, nothing written, unless --num-classes gives the head room."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for i in range(12):
+        (root / f"c{i:02d}").mkdir(parents=True)
+        Image.new("L", (28, 28), color=20 * i).save(root / f"c{i:02d}" / "x.png")
+    common = ["train", "--model", "vit_fmnist", "--data", "folder", "--data-root", str(root), "--epochs", "1"]
+    r = cli(*common, "--out", str(tmp_path / "runs" / "t"))
+    assert r.code == 2 and "has 12 classes but vit_fmnist outputs 10: pass --num-classes 12" in r.err
+    assert not (tmp_path / "runs").exists()
+    r = cli(*common, "--num-classes", "12", "--out", str(tmp_path / "runs" / "t"))
+    assert r.code == 0, r.err
+    assert load_file(str(tmp_path / "runs" / "t" / "model.safetensors"))["head.bias"].shape == (12,)
+
+
+def test_failure_in_the_first_epoch_leaves_nothing(cli, tmp_path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        Image.new("L", (28, 28)).save(root / c / "x.png")
+    (root / "b" / "y.png").write_bytes(b"not a png")
+    r = cli("train", "--model", "vit_fmnist", "--data", "folder", "--data-root", str(root), "--epochs", "1",
+            "--out", str(tmp_path / "runs" / "t"))
+    assert r.code == 2 and "cannot read image" in r.err and "y.png" in r.err
+    assert not (tmp_path / "runs").exists()

@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     init: str | None = None
+    num_classes: int | None = None  # None: the model's own (10 for the Fashion-MNIST models, 1000 for DeiT)
     budget: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -127,6 +128,9 @@ def fit(
 
     out = Path(cfg.out)
     device = torch.device(cfg.device)
+    classes, outputs = getattr(train_set, "num_classes", None), getattr(model, "num_classes", None)
+    if classes is not None and outputs is not None and classes > outputs:
+        raise UserError(f"{cfg.data} has {classes} classes but {cfg.model} outputs {outputs}: pass --num-classes {classes}.")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     flat = [p for g in opt.param_groups for p in g["params"]]
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)

@@ -119,12 +119,13 @@ def train_mia(cfg: TrainConfig) -> None:
     init_file = resolve_checkpoint(cfg.init) if cfg.init is not None else None  # a file or a shipped name
     init_is_mia = init_file is not None and any(k.startswith("controller.") for k in read_state_dict(init_file))
     teacher_file = cfg.extra.get("teacher") or (None if init_is_mia else init_file)
-    teacher_backbone = create(static_name, checkpoint=teacher_file)  # shipped static weights when None
+    # shipped static weights when None
+    teacher_backbone = create(static_name, checkpoint=teacher_file, num_classes=cfg.num_classes)
     init = init_file or teacher_backbone.checkpoint
     teacher = Normalized(teacher_backbone).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    backbone = create(cfg.model, checkpoint=init, pretrained=False, gate_mode="gumbel")
+    backbone = create(cfg.model, checkpoint=init, pretrained=False, gate_mode="gumbel", num_classes=cfg.num_classes)
     model = Normalized(backbone).to(device)
     dims = VitDims.of(backbone)
     full = float(static_macs(dims))

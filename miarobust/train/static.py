@@ -26,7 +26,7 @@ def train_static(cfg: TrainConfig) -> None:
 
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    backbone = create(cfg.model, checkpoint=cfg.init, pretrained=False)
+    backbone = create(cfg.model, checkpoint=cfg.init, pretrained=False, num_classes=cfg.num_classes)
     model = Normalized(backbone).to(device)
     geometry = Geometry.of(backbone)
     train_set = load_dataset(cfg.data, geometry, cfg.data_root, "train")
