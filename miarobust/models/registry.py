@@ -128,7 +128,8 @@ def create(
     pretrained: bool = True,
     **kwargs: Any,
 ) -> torch.nn.Module:
-    """Model `name` in eval mode with weights from `checkpoint` (a file or a shipped name), else its shipped weights.
+    """Model `name` in eval mode with weights from `checkpoint` (a file or a shipped name), else its shipped weights
+    (a UserError if it has none; `pretrained=False` builds it with random weights instead).
 
     kwargs go to timm (num_classes, img_size, gate_mode, ...); None values keep the model's defaults.
     """
@@ -152,8 +153,8 @@ def create(
             logging.getLogger(__name__).warning(
                 "%s holds no controller weights (a static checkpoint?): %s runs with an untrained controller, every "
                 "gate open with p = 0.95", source, name)
-    elif pretrained:
-        logging.getLogger(__name__).warning(
-            "%s has no shipped weights and no --checkpoint was given: using random weights", name)
+    elif pretrained:  # numbers from random weights mean nothing: say what to pass instead of making them
+        raise UserError(f"{name} has no shipped weights and none were given: pass a timm-format checkpoint file of "
+                        f"it (.pth or .safetensors), e.g. --checkpoint {name.removeprefix('mia_')}.pth.")
     model.checkpoint = source  # recorded in config.json
     return model.eval()
