@@ -124,6 +124,7 @@ def test_bad_argument(cli, tmp_path, args, needles):
     (["--model", "mia_vit_fmnist", "--budget", "0.7", "--rl-weight", "inf"], ["--rl-weight", "not a finite number"]),
     (["--model", "mia_vit_fmnist", "--budget", "0.7", "--flops-lambda", "-1"], ["--flops-lambda", "x>=0"]),
     (["--seed", "-3"], ["--seed", "not in the range"]),
+    (["--model", "mia_deit_t", "--budget", "0.7", "--data", "synthetic"], ["no shipped weights", "--init deit_t.pth"]),
 ])
 def test_bad_training_argument(cli, tmp_path, args, needles):
     out = tmp_path / "out"
