@@ -55,6 +55,16 @@ def test_float_rounding_at_the_edge_is_tolerated() -> None:
     threat.check(x, x + 8 / 255 + 1e-7, "rounding")
 
 
+def test_a_tiny_eps_is_not_swamped_by_the_rounding_slack() -> None:
+    """At Linf eps 1e-6 a perturbation of 3e-6 is refused (an absolute slack of 1e-5 let 11 x eps through),
+    while every pixel moved by exactly eps in float32 passes."""
+    threat = ThreatModel("Linf", 1e-6)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.05
+    with pytest.raises(ThreatModelViolation, match="exceeded"):
+        threat.check(x, x + 3e-6, "planted")
+    threat.check(x, threat.project(x, x + 1.0), "projected")
+
+
 def outside(victim, cfg, eot=1):  # noqa: ANN001, ANN201
     """A planted attack that steps out of the ball (inside the box)."""
     return lambda x, y: (x + 2 * cfg.eps * torch.where(x < 0.5, 1.0, -1.0)).clamp(0, 1)
