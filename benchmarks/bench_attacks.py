@@ -37,6 +37,7 @@ from miarobust.data import Geometry, load_dataset
 from miarobust.models import create
 from miarobust.models.latency import synchronize
 from miarobust.models.normalize import Normalized
+from miarobust.models.registry import weights_file
 from miarobust.stats import wilson
 
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -44,8 +45,9 @@ Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def load(name: str, device: torch.device, gate_mode: str | None = None,
          checkpoint: str | None = None) -> tuple[Normalized, torch.nn.Module]:
-    model = create(name, checkpoint=checkpoint, gate_mode=gate_mode)
-    if model.checkpoint is None:
+    random = checkpoint is None and weights_file(name) is None  # a timing needs no trained weights
+    model = create(name, checkpoint=checkpoint, gate_mode=gate_mode, pretrained=not random)
+    if random:
         print(f"note: {name} has no weights here; timing a randomly initialised model")
     net = Normalized(model).eval().to(device)
     for p in net.parameters():

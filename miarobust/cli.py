@@ -279,9 +279,14 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
 
             train_static(cfg)
     except BaseException as e:
-        unfinished = created and not (Path(out) / "state.pt").exists()  # no epoch finished: nothing to resume
-        if unfinished:
-            shutil.rmtree(created[-1], ignore_errors=True)
+        unfinished = bool(created) and not (Path(out) / "state.pt").exists()  # no epoch finished: nothing to resume
+        if unfinished:  # the run folder this process made; then its new parents, only if empty (another run's may not be)
+            shutil.rmtree(created[0], ignore_errors=True)
+            for parent in created[1:]:
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
         if not isinstance(e, KeyboardInterrupt):
             raise
         click.echo("interrupted before the first epoch finished: nothing was kept." if unfinished else

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -112,3 +113,22 @@ def test_failure_in_the_first_epoch_leaves_nothing(cli, tmp_path) -> None:
             "--out", str(tmp_path / "runs" / "t"))
     assert r.code == 2 and "cannot read image" in r.err and "y.png" in r.err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_train_leaves_a_sibling_run_alone(cli, tmp_path, monkeypatch) -> None:
+    """Two trainings under one new parent: the one that fails before its first epoch removes its own folder and
+    no parent that still holds the other's work."""
+    import miarobust.train.static as static
+
+    sweep = tmp_path / "sweep"
+
+    def sibling_then_fail(cfg):
+        (sweep / "a").mkdir(parents=True)
+        (sweep / "a" / "state.pt").write_bytes(b"finished epochs of another run")
+        (sweep / "b").mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(static, "train_static", sibling_then_fail)
+    with pytest.raises(RuntimeError, match="out of memory"):  # not a user error: it propagates
+        cli("train", "--model", "vit_fmnist", "--data", "synthetic", "--epochs", "1", "--out", str(sweep / "b"))
+    assert (sweep / "a" / "state.pt").is_file() and not (sweep / "b").exists()
