@@ -34,7 +34,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from miarobust.attacks import RANDOMNESS_WARNING, AttackConfig, AttackInfo, build_attack, get_attack
+from miarobust.attacks import RANDOMNESS_WARNING, AttackConfig, AttackInfo, build_attack, expected_warning, get_attack  # noqa: F401  (RANDOMNESS_WARNING: re-exported)
 from miarobust.attacks.threat import ThreatModel
 from miarobust.stats import wilson
 
@@ -262,9 +262,8 @@ def autoattack_flags(ev: Any) -> dict[str, Any]:
         return result("skip", None, "no AutoAttack attack in this run")
     warned, expected = set(), set()
     for info in runs:
-        eot = info.eot(ev.acfg) > 1 and ev.victim.stochastic
         for w in (w for batch in ev.warnings.values() for w in batch.get(info.name, [])):
-            (expected if eot and RANDOMNESS_WARNING in w else warned).add(w)
+            (expected if expected_warning(w, info.eot(ev.acfg), ev.victim.stochastic) else warned).add(w)
     if warned:
         return result("flag", sorted(warned)[:5], "AutoAttack's checks warned: " + " | ".join(sorted(warned)[:3]))
     if expected:

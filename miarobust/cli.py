@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -143,8 +142,6 @@ def make_run_config(kw: dict[str, Any]) -> Any:
     twice = sorted({a for a in attacks if attacks.count(a) > 1})
     if twice:
         raise UserError(f"--attack names {', '.join(twice)} twice: name each attack once.")
-    if kw["norm"] == "Linf" and eps >= 1:
-        raise UserError(f"--eps {eps_text} is >= 1: an Linf ball that large covers every image in [0, 1]; use e.g. 8/255.")
     return RunConfig(eps=eps, eps_text=eps_text, alpha=alpha[0] if alpha else None, attacks=attacks, **kw)
 
 
@@ -268,7 +265,9 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
     cfg = TrainConfig(model=model, out=out, epochs=epochs or (4 if mia else 12), lr=lr or (5e-4 if mia else 1e-3),
                       budget=budget, extra={"rl_weight": rl_weight, "flops_lambda": flops_lambda, "kd_weight": kd_weight, "teacher": teacher,
                              "cost": cost, "latency_table": latency_table} if mia else {}, **kw)
-    created = [p for p in (Path(out), *Path(out).parents) if not p.exists()]  # deepest first
+    from miarobust.results import missing_folders, remove_folders
+
+    created = missing_folders(out)
     try:
         if mia:
             from miarobust.train.mia import train_mia
@@ -280,13 +279,8 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
             train_static(cfg)
     except BaseException as e:
         unfinished = bool(created) and not (Path(out) / "state.pt").exists()  # no epoch finished: nothing to resume
-        if unfinished:  # the run folder this process made; then its new parents, only if empty (another run's may not be)
-            shutil.rmtree(created[0], ignore_errors=True)
-            for parent in created[1:]:
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
+        if unfinished:
+            remove_folders(created)
         if not isinstance(e, KeyboardInterrupt):
             raise
         click.echo("interrupted before the first epoch finished: nothing was kept." if unfinished else

@@ -33,7 +33,18 @@ from miarobust.attacks import ATTACKS, AttackConfig, AttackInfo, Victim, build_a
 from miarobust.attacks.threat import ThreatModel
 from miarobust.errors import UserError
 from miarobust.models.registry import file_sha256
-from miarobust.results import CONFIG, CSV_FLOAT, PARTIAL, SAMPLES, SUMMARY, run_id, write_csv, write_json
+from miarobust.results import (
+    CONFIG,
+    CSV_FLOAT,
+    PARTIAL,
+    SAMPLES,
+    SUMMARY,
+    missing_folders,
+    remove_folders,
+    run_id,
+    write_csv,
+    write_json,
+)
 from miarobust.stats import wilson
 
 log = logging.getLogger(__name__)
@@ -162,10 +173,12 @@ class Evaluation:
             p.requires_grad_(False)
         self.victim = Victim(self.model, self.mia, self.device)
         geometry = Geometry.of(backbone)
-        diameter = (geometry.channels * geometry.height * geometry.width) ** 0.5
-        if cfg.norm == "L2" and cfg.eps >= diameter:  # like Linf eps >= 1: the ball covers every image
-            raise UserError(f"--eps {cfg.eps_text} is >= {diameter:.4g}, the L2 diameter of {cfg.model}'s "
-                            f"{geometry.channels}x{geometry.height}x{geometry.width} images in [0, 1]: use e.g. 0.5.")
+        c, h, w = geometry.channels, geometry.height, geometry.width
+        diameter = 1.0 if cfg.norm == "Linf" else (c * h * w) ** 0.5  # of the [0, 1] box: a ball that wide covers it
+        if cfg.eps >= diameter:
+            why = ("1: an Linf ball that large covers every image in [0, 1]; use e.g. 8/255" if cfg.norm == "Linf" else
+                   f"{diameter:.4g}, the L2 diameter of {cfg.model}'s {c}x{h}x{w} images in [0, 1]: use e.g. 0.5")
+            raise UserError(f"--eps {cfg.eps_text} is >= {why}.")
         self.dataset: Dataset = load_dataset(cfg.data, geometry, cfg.data_root, cfg.split)
         classes = getattr(self.dataset, "num_classes", None)
         out_dim = backbone.num_classes
@@ -350,7 +363,7 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1) ->
     ev = Evaluation(cfg)
     folder = Path(cfg.out) / cfg.folder_name()
     started = time.time()
-    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first: ours to remove on failure
+    created = missing_folders(folder)  # ours to remove on failure
     with contextlib.ExitStack() as stack:
         state, message, failure = "go", "", None
         if rank == 0:
@@ -448,12 +461,7 @@ def _remove_if_nothing_finished(folder: Path, created: list[Path]) -> None:
     """After a failure: remove the run folder and the parents this run created, unless a batch is saved."""
     if folder not in created or any((folder / PARTIAL).glob("batch_*.csv")):
         return
-    shutil.rmtree(folder, ignore_errors=True)
-    for parent in created[1:]:
-        try:
-            parent.rmdir()  # only if empty: another run may have started writing into it
-        except OSError:
-            break
+    remove_folders(created)
 
 
 def finish(cfg: RunConfig, ev: Evaluation, folder: Path, seconds: float) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +52,26 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Atomically write JSON (sorted keys, indented, NaN refused)."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def missing_folders(folder: str | os.PathLike[str]) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first: what a run about to write into
+    `folder` creates, and may remove again with `remove_folders` if it fails before finishing anything."""
+    folder = Path(folder)
+    return [p for p in (folder, *folder.parents) if not p.exists()]
+
+
+def remove_folders(created: list[Path]) -> None:
+    """Remove the folders `missing_folders` listed: the deepest with its contents, each parent only while empty
+    (another run may have started writing into it)."""
+    if not created:
+        return
+    shutil.rmtree(created[0], ignore_errors=True)
+    for parent in created[1:]:
+        try:
+            parent.rmdir()
+        except OSError:
+            break
 
 
 CSV_FLOAT = "%.6g"  # six significant digits: last-bit noise of float arithmetic does not reach the file
