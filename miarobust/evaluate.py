@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from miarobust.attacks import ATTACKS, AttackConfig, AttackInfo, Victim, build_attack, get_attack
+from miarobust.attacks import PRESETS, AttackConfig, AttackInfo, Victim, attack_salt, build_attack, expand, get_attack
 from miarobust.attacks.threat import ThreatModel
 from miarobust.errors import UserError
 from miarobust.models.registry import file_sha256
@@ -84,7 +84,7 @@ class RunConfig:
     def attack_config(self) -> AttackConfig:
         return AttackConfig(norm=self.norm, eps=self.eps, steps=self.steps, alpha=self.alpha, restarts=self.restarts,
                             eot=self.eot, eot_chunk=self.eot_chunk, surrogate=self.surrogate,
-                            keep_prediction=self.keep_prediction, seed=self.seed)
+                            keep_prediction=self.keep_prediction, select_draws=self.eval_samples, seed=self.seed)
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide the numbers: same identity, same results folder (and resume)."""
@@ -157,7 +157,9 @@ class Evaluation:
         self.device = resolve_device(cfg.device)
         self.cfg = cfg
         acfg = cfg.attack_config()
-        self.attacks: list[AttackInfo] = [get_attack(a, acfg) for a in cfg.attacks]
+        for a in cfg.attacks:  # unknown names fail before a model is loaded
+            if a not in PRESETS:
+                get_attack(a, acfg)
         torch.manual_seed(cfg.seed)  # weights a checkpoint lacks (a controller, a model without shipped weights)
         backbone = create(cfg.model, checkpoint=cfg.checkpoint, num_classes=cfg.num_classes, img_size=cfg.img_size)
         self.mia = backbone if isinstance(backbone, MIAFormer) else None
@@ -190,12 +192,39 @@ class Evaluation:
             self.n = len(self.dataset)
         self.draws = cfg.eval_samples if self.victim.stochastic else 1
         self.threat = ThreatModel(cfg.norm, cfg.eps)
+        self.attacks: list[AttackInfo] = [get_attack(a, acfg) for a in expand(cfg.attacks, gated=self.mia is not None)]
         self.acfg = acfg
+        if self.victim.stochastic and cfg.eot is None and "adaptive" in cfg.attacks:
+            self.acfg = replace(acfg, eot=self.preset_eot())
         self.attack_fns = [build_attack(info, self.victim, acfg) for info in self.attacks]
         self.num_batches = (self.n + cfg.batch_size - 1) // cfg.batch_size
         # per batch, the warnings of AutoAttack's own checks by attack (kept in partial/ beside the batch's
         # records, so a resumed or distributed run judges every batch, not just this process's)
         self.warnings: dict[int, dict[str, list[str]]] = {}
+
+    # -- the adaptive preset's EOT ------------------------------------------------------------------------
+    def preset_eot(self, start: int = 4, most: int = 64, images: int = 100, level: float = 0.05) -> int:
+        """K of the adaptive preset on stochastic gates: the smallest K in 4, 8, 16, ... (at most `most`) at which
+        BPDA-PGD through EOT 2K is not significantly stronger than through EOT K on the first `images` images
+        (one-sided paired test on each image's expected correctness, level `level`). Recorded in the run's
+        config.json and read back from there, so a resumed run does not probe again."""
+        from miarobust.checks import rerun
+        from miarobust.stats import paired_mean_diff
+
+        recorded = _read_config(Path(self.cfg.out) / self.cfg.folder_name()).get("resolved_eot")
+        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 1:
+            return recorded
+        m = min(self.n, images)
+        probe = replace(self.cfg.attack_config(), restarts=1)
+        k, at_k = start, None
+        while True:
+            log.info("adaptive preset: probing EOT %d against %d on %d images", k, 2 * k, m)
+            at_k = at_k if at_k is not None else rerun(self, "bpda-pgd", replace(probe, eot=k), m, salt=60_011)
+            at_2k = rerun(self, "bpda-pgd", replace(probe, eot=2 * k), m, salt=60_013)
+            diff, _, _, p = paired_mean_diff(at_k.tolist(), at_2k.tolist())
+            if diff <= 0 or p / 2 >= level or 2 * k > most:
+                return k
+            k, at_k = 2 * k, at_2k
 
     # -- one batch --------------------------------------------------------------------------------------
     def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -242,7 +271,7 @@ class Evaluation:
         for info, fn in zip(self.attacks, self.attack_fns):
             if info.name == "none":
                 continue
-            torch.manual_seed(batch_seed(self.cfg.seed, b) + 1 + list(ATTACKS).index(info.name))
+            torch.manual_seed(batch_seed(self.cfg.seed, b) + 1 + attack_salt(info.name))
             before = len(getattr(fn, "warnings", ()))
             x_adv = fn(x, y).detach()
             if hasattr(fn, "warnings"):  # an AutoAttack attack: what its checks said on this batch
@@ -285,7 +314,9 @@ def summarize(cfg: RunConfig, samples: pd.DataFrame, attacks: list[AttackInfo], 
             **{f"gmacs_p{q}": float(samples[f"{a}_gmacs"].quantile(q / 100)) for q in (5, 50, 95)},
             "eot": info.draws(acfg, stochastic),
             "adaptive": info.adaptive(acfg),
-            "label": ("adaptive" if info.adaptive(acfg) else "non-adaptive") if stochastic else "deterministic-model",
+            "gate_grad": info.gate_grad,
+            "label": (("adaptive" if info.adaptive(acfg) else "non-adaptive") if stochastic else "deterministic-model")
+            + (", straight-through gates" if info.straight_through else ""),
             "max_dist": float(samples[f"{a}_dist"].max()) if n else 0.0,
         })
         per_attack[a] = entry
@@ -377,7 +408,10 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1) ->
                 else:
                     write_json(folder / CONFIG, {**asdict(cfg), "environment": environment(),
                                                  "gate_mode": ev.mia.gate_mode.value if ev.mia else None,
-                                                 "checkpoint": checkpoint, "weights_sha256": weights})
+                                                 "checkpoint": checkpoint, "weights_sha256": weights,
+                                                 "resolved_attacks": [i.name for i in ev.attacks],
+                                                 "resolved_eot": ev.acfg.eot,
+                                                 "gate_grad": {i.name: i.gate_grad for i in ev.attacks}})
             except Exception as e:  # noqa: BLE001  (raised below, once the other ranks are told)
                 state, message, failure = "failed", str(e), e
         if world > 1:
@@ -419,18 +453,22 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1) ->
         return RunResult(folder, finish(cfg, ev, folder, time.time() - started))
 
 
+def _read_config(folder: Path) -> dict[str, Any]:
+    """config.json of a run folder, or {} when it is missing or unreadable."""
+    try:
+        got = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError):
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
 def check_same_weights(folder: Path, weights: str | None) -> None:
     """Refuse to resume or reuse a run folder made with other weights than `weights` (SHA-256 of the file).
 
     The folder name hashes the arguments, and `--checkpoint` unset means "the shipped weights", which a new
     release may replace: without this check a resume would mix, or a rerun reuse, another model's results.
     """
-    if not (folder / CONFIG).is_file():
-        return
-    try:
-        recorded = json.loads((folder / CONFIG).read_text()).get("weights_sha256")
-    except (OSError, ValueError, AttributeError):
-        return  # an unreadable config.json is rewritten by this run
+    recorded = _read_config(folder).get("weights_sha256")  # an unreadable config.json is rewritten by this run
     if recorded is not None and weights is not None and recorded != weights:
         raise UserError(f"{folder} holds results of other weights (sha256 {recorded[:12]}..., these are "
                         f"{weights[:12]}...): delete the folder or choose another --out.")

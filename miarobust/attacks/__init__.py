@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from miarobust.attacks.eot import EOT
+from miarobust.attacks.candidates import CandidateTap
+from miarobust.attacks.eot import EOT, default_chunk
 from miarobust.attacks.pgd import cw_margin, pgd, with_restarts
 from miarobust.attacks.threat import ThreatModel
 from miarobust.errors import UserError, unknown_name
@@ -40,6 +41,7 @@ class AttackConfig:
     surrogate_checkpoint: str | None = None
     keep_prediction: bool = False
     queries: int = 5000  # Square's query budget (AutoAttack's default); the sanity checks may lower it
+    select_draws: int = 10  # fresh gate draws that score each candidate against a stochastic model (candidates.py)
     seed: int = 0
 
     @property
@@ -58,14 +60,16 @@ class Victim:
     model: nn.Module
     mia: nn.Module | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tap: CandidateTap | None = None  # shown every query of an attack on a stochastic model (candidates.py)
 
     @property
     def stochastic(self) -> bool:
         return self.mia is not None and self.mia.gate_mode.value == "stochastic"
 
     def with_eot(self, k: int, chunk: int | None = None) -> nn.Module:
-        """The model as an attack sees it: EOT over k gate draws when k > 1."""
-        return EOT(self.model, k, chunk) if k > 1 else self.model
+        """The model as an attack sees it: EOT over k gate draws when k > 1, its queries shown to `tap`."""
+        model = EOT(self.model, k, chunk) if k > 1 else self.model
+        return self.tap.wrap(model) if self.tap is not None else model
 
     @contextlib.contextmanager
     def straight_through(self) -> Iterator[None]:
@@ -94,6 +98,9 @@ class AttackInfo:
     takes_eot: bool = True  # False: its gradient never averages the victim's gate draws, whatever --eot says
     white_box: bool = True  # attacks accuracy through the victim's own gradients (the checks compare with Square)
     stepped: bool = False  # its strength follows --steps / --restarts (the checks rerun it with more)
+    straight_through: bool = False  # runs with hard gates forward and their probabilities' gradient backward (BPDA)
+    keeps_best: bool = True  # aims at accuracy through the victim's outputs: keeps the best candidate (candidates.py)
+    includes_square: bool = False  # runs the black-box Square among its attacks (not a white-box reference in check 4)
 
     def eot(self, cfg: AttackConfig, stochastic: bool = True) -> int:
         """K of the EOT wrapper this attack uses under `cfg` (1 on a deterministic model: draws are all equal)."""
@@ -108,6 +115,16 @@ class AttackInfo:
     def adaptive(self, cfg: AttackConfig) -> bool:
         """Whether the attack averages over gate draws (required to claim a number on a stochastic model)."""
         return self.eot(cfg) > 1 or self.own_eot > 1
+
+    @property
+    def gate_grad(self) -> str:
+        """The gradient the attack takes through hard gates: 'straight-through' (BPDA) or 'none' (zero)."""
+        return "straight-through" if self.straight_through else "none"
+
+    @property
+    def gradient(self) -> bool:
+        """Whether a straight-through variant means anything: a white-box attack not straight-through already."""
+        return self.white_box and not self.straight_through
 
 
 def _torchattacks_pgd(victim: Victim, cfg: AttackConfig, model: nn.Module) -> AttackFn:
@@ -166,17 +183,6 @@ def build_cw(victim: Victim, cfg: AttackConfig, eot: int = 1) -> AttackFn:
         adv = atk(x, y)
         ok = cfg.threat.distance(x, adv) <= cfg.eps
         return torch.where(ok.view(-1, *([1] * (x.dim() - 1))), adv, x)
-
-    return run
-
-
-def build_bpda_pgd(victim: Victim, cfg: AttackConfig, eot: int = 1) -> AttackFn:
-    """PGD with straight-through gates (BPDA, Athalye et al. 2018): the attack also steers the sub-model."""
-    inner = build_pgd(victim, cfg, eot)
-
-    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with victim.straight_through():
-            return inner(x, y)
 
     return run
 
@@ -259,41 +265,131 @@ def build_slowdown(victim: Victim, cfg: AttackConfig, eot: int = 1) -> AttackFn:
 ATTACKS: dict[str, AttackInfo] = {
     a.name: a
     for a in (
-        AttackInfo("none", "no attack: clean accuracy only", lambda v, c, k=1: (lambda x, y: x), white_box=False),
+        AttackInfo("none", "no attack: clean accuracy only", lambda v, c, k=1: (lambda x, y: x), white_box=False,
+                   keeps_best=False),
         AttackInfo("fgsm", "FGSM, one signed step (Linf)", build_fgsm, norms=("Linf",)),
         AttackInfo("pgd", "PGD on cross-entropy (torchattacks), random start, --restarts", build_pgd, stepped=True),
         AttackInfo("pgd-cw", "PGD on the Carlini-Wagner margin loss", build_pgd_cw, stepped=True),
         AttackInfo("cw", "Carlini-Wagner L2 (torchattacks); results beyond eps count as failures", build_cw,
                    norms=("L2",), stepped=True),
         AttackInfo("eot-pgd", "PGD with EOT over gate draws (--eot K, default 8)", build_pgd, default_eot=8, stepped=True),
-        AttackInfo("bpda-pgd", "PGD through straight-through gates (BPDA), EOT when --eot > 1", build_bpda_pgd,
-                   stepped=True),
+        AttackInfo("bpda-pgd", "PGD through straight-through gates (BPDA), EOT when --eot > 1", build_pgd,
+                   stepped=True, straight_through=True),
         AttackInfo("transfer", "PGD on a static surrogate (--surrogate), evaluated on the target", build_transfer,
-                   white_box=False, takes_eot=False),  # the target's gates are never seen: non-adaptive
+                   white_box=False, takes_eot=False, keeps_best=False),  # the target's gates are never seen: non-adaptive
         AttackInfo("apgd-ce", "APGD on cross-entropy (pyautoattack)", _autoattack(["apgd-ce"], "custom")),
         AttackInfo("apgd-dlr", "APGD on the DLR loss (pyautoattack)", _autoattack(["apgd-dlr"], "custom")),
         AttackInfo("square", "Square Attack, black-box, 5000 queries (pyautoattack)", _autoattack(["square"], "custom"),
                    white_box=False),
         AttackInfo("autoattack", "AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square (pyautoattack)",
-                   _autoattack(None, "standard")),
+                   _autoattack(None, "standard"), includes_square=True),
         AttackInfo("autoattack-rand", "AutoAttack rand: APGD-CE and APGD-DLR with EOT 20 (pyautoattack)",
                    _autoattack(None, "rand"), own_eot=20),
         AttackInfo("slowdown", "energy attack: maximise the MACs an adaptive model spends", build_slowdown,
-                   white_box=False, takes_eot=False),  # gradient-based on one gate draw; it does not aim at accuracy
+                   white_box=False, takes_eot=False, keeps_best=False),  # one gate draw; it aims at MACs, not accuracy
+        # appended last: an attack's position seeds it (attack_salt), so existing runs keep their numbers
+        AttackInfo("apgd-t", "targeted APGD on the DLR loss, 9 target classes (pyautoattack)",
+                   _autoattack(["apgd-t"], "custom")),
     )
 }
 
 
-def get_attack(name: str, cfg: AttackConfig) -> AttackInfo:
-    """The registered attack `name`, checked against the threat model of `cfg`."""
-    if name not in ATTACKS:
+#: Presets: names that expand into several attacks, by what the model is (see `expand`).
+PRESETS = {
+    "adaptive": "the strongest adaptive evaluation: AutoAttack, AutoAttack and BPDA-PGD through straight-through "
+                "gates on a gated model (through EOT on stochastic gates, K chosen by a convergence probe), "
+                "per-image worst case, sanity checks on",
+}
+
+
+def expand(names: tuple[str, ...], gated: bool) -> tuple[str, ...]:
+    """`names` with each preset replaced by its attacks (`adaptive`: autoattack on a static model; autoattack,
+    autoattack-st and bpda-pgd on a gated one), each attack once, in order."""
+    out: list[str] = []
+    for name in names:
+        parts = (["autoattack", "autoattack-st", "bpda-pgd"] if gated else ["autoattack"]) if name == "adaptive" else [name]
+        out += [p for p in parts if p not in out]
+    return tuple(out)
+
+
+ST_SUFFIX = "-st"  # NAME-st: the gradient attack NAME through straight-through gates
+
+
+def straight_through_name(name: str) -> str:
+    """The straight-through variant's name of attack `name` (itself if it has none: not a gradient attack)."""
+    info = ATTACKS.get(name)
+    return f"{name}{ST_SUFFIX}" if info is not None and info.gradient else name
+
+
+def _lookup(name: str) -> AttackInfo:
+    if name in ATTACKS:
+        return ATTACKS[name]
+    base = ATTACKS.get(name.removesuffix(ST_SUFFIX)) if name.endswith(ST_SUFFIX) else None
+    if base is None:
         raise unknown_name("attack", name, ATTACKS)
-    info = ATTACKS[name]
+    if base.name == "pgd":
+        raise UserError("pgd-st is bpda-pgd: PGD through straight-through gates; write --attack bpda-pgd.")
+    if not base.gradient:
+        raise UserError(f"{base.name} takes no gradient through the model, so it has no straight-through variant "
+                        f"'{name}': use {base.name}.")
+    return replace(base, name=name, summary=f"{base.summary}, through straight-through gates", straight_through=True)
+
+
+def attack_salt(name: str) -> int:
+    """A fixed number per attack that seeds its randomness: its position in the registry (a straight-through
+    variant: its base's position + 1000), so adding an attack never changes another's numbers."""
+    base = name.removesuffix(ST_SUFFIX) if name not in ATTACKS else name
+    return list(ATTACKS).index(base) + (0 if base == name else 1000)
+
+
+def get_attack(name: str, cfg: AttackConfig) -> AttackInfo:
+    """The registered attack `name` (or `NAME-st`, a gradient attack through straight-through gates), checked
+    against the threat model of `cfg`."""
+    info = _lookup(name)
     if cfg.norm not in info.norms:
         raise UserError(f"attack {name} supports {'/'.join(info.norms)} only, not {cfg.norm}: change --norm or --attack.")
     return info
 
 
 def build_attack(info: AttackInfo, victim: Victim, cfg: AttackConfig) -> AttackFn:
-    """An attack function x (B, C, H, W) in [0, 1], y (B,) -> x_adv, on `victim`."""
-    return info.build(victim, cfg, info.eot(cfg, victim.stochastic))
+    """An attack function x (B, C, H, W) in [0, 1], y (B,) -> x_adv, on `victim`.
+
+    A straight-through attack runs with the victim's gates in straight-through mode. Against a stochastic
+    victim an attack that aims at accuracy returns, per image, the best candidate it queried or returned,
+    scored on `cfg.select_draws` fresh gate draws (candidates.py), never the clean image where it found better.
+    AutoAttack-based functions keep a `warnings` list (their own checks' warnings, for sanity check 6).
+    """
+    if info.straight_through and victim.mia is None:
+        raise UserError(f"{info.name} attacks through straight-through gates, and the model has none: use "
+                        f"{info.name.removesuffix(ST_SUFFIX)} on a static model.")
+    k = info.eot(cfg, victim.stochastic)
+    if not (victim.stochastic and info.keeps_best):
+        return _gated(info, victim, info.build(victim, cfg, k))
+    tap = CandidateTap(cfg.threat)
+    inner = _gated(info, victim, info.build(replace(victim, tap=tap), cfg, k))
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        tap.start(x, y)
+        try:
+            adv = inner(x, y)
+            return tap.select(victim.model, adv, cfg.select_draws, cfg.eot_chunk or default_chunk(x.device))
+        finally:
+            tap.stop()
+
+    if hasattr(inner, "warnings"):
+        run.warnings = inner.warnings  # type: ignore[attr-defined]
+    return run
+
+
+def _gated(info: AttackInfo, victim: Victim, fn: AttackFn) -> AttackFn:
+    """`fn` run with the victim's gates straight-through where `info` says so."""
+    if not info.straight_through:
+        return fn
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with victim.straight_through():
+            return fn(x, y)
+
+    if hasattr(fn, "warnings"):
+        run.warnings = fn.warnings  # type: ignore[attr-defined]
+    return run
