@@ -4,7 +4,7 @@
 # Usage: bash benchmarks/make_baseline.sh   (from the repository root; rerun resumes)
 set -euo pipefail
 out=results/baseline
-base=(--data embedded --checks off --out "$out")
+base=(--data embedded --checks auto --out "$out")
 common=("${base[@]}" --n 200 --batch-size 100)
 for eps in 2/255 8/255; do
   miarobust run --model vit_fmnist --attack pgd --eps "$eps" "${common[@]}"

@@ -86,7 +86,12 @@ def model_option(default: str | None) -> Any:
 @click.option("--data", default="embedded", show_default=True, help="embedded, fashion-mnist, cifar10, imagenet, folder, synthetic.")
 @click.option("--data-root", default=None, help="Folder of the data set (fashion-mnist defaults to Debian's files).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
-@click.option("--attack", default="pgd", show_default=True, help="Attack name, or several comma-separated (worst case per image).")
+@click.option("--attack", default="pgd", show_default=True, help="Attack name, or several comma-separated (worst case "
+              "per image); NAME-st is a gradient attack through straight-through gates; 'adaptive' is the preset "
+              "of the strongest adaptive attacks (`miarobust list attacks`).")
+@click.option("--gate-grad", type=click.Choice(["none", "straight-through"]), default="none", show_default=True,
+              help="Gradient of the gradient attacks through hard gates: none (zero), or straight-through (BPDA: "
+              "the gates' probabilities), which runs each gradient attack NAME as NAME-st.")
 @click.option("--norm", type=click.Choice(["Linf", "L2"]), default="Linf", show_default=True)
 @click.option("--eps", type=EpsType(), default="8/255", show_default=True, help="Radius in [0, 1] pixels: 8/255 or 0.031.")
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
@@ -139,6 +144,10 @@ def make_run_config(kw: dict[str, Any]) -> Any:
     attacks = tuple(a.strip() for a in kw.pop("attack").split(",") if a.strip())
     if not attacks:
         raise UserError("--attack is empty: name an attack (see `miarobust list`).")
+    if kw.pop("gate_grad") == "straight-through":
+        from miarobust.attacks import straight_through_name
+
+        attacks = tuple(straight_through_name(a) for a in attacks)
     twice = sorted({a for a in attacks if attacks.count(a) > 1})
     if twice:
         raise UserError(f"--attack names {', '.join(twice)} twice: name each attack once.")
@@ -185,11 +194,15 @@ def list_cmd(what: str) -> None:
             model = max((m for m in model_names() if name.startswith(m)), key=len, default="?")
             click.echo(f"  {name:<22} {model}" + (" (its default weights)" if name in defaults else ""))
     if what in ("all", "attacks"):
-        from miarobust.attacks import ATTACKS
+        from miarobust.attacks import ATTACKS, PRESETS, ST_SUFFIX
 
         click.echo("attacks:")
         for a in ATTACKS.values():
             click.echo(f"  {a.name:<16} {a.summary}")
+        click.echo(f"  (NAME{ST_SUFFIX}: a gradient attack through straight-through gates, e.g. autoattack{ST_SUFFIX})")
+        click.echo("presets:")
+        for name, summary in PRESETS.items():
+            click.echo(f"  {name:<16} {summary}")
     if what in ("all", "datasets"):
         from miarobust.data import DATASETS
 
@@ -304,6 +317,17 @@ def report_cmd(path: str, out: str | None, pdf: bool, robustbench: bool) -> None
         click.echo(f"  {f.relative_to(rep.out)}")
     for s in rep.skipped:
         click.echo(f"skipped {s.folder}: {s.reason}")
+
+
+@cli.command("worst")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--out", required=True, help="Folder that receives one worst-case folder per group of runs.")
+def worst_cmd(paths: tuple[str, ...], out: str) -> None:
+    """Each image's worst case over the runs below PATHS of the same model, weights, data and threat model."""
+    from miarobust.worst import worst_case
+
+    for res in worst_case(list(paths), out):
+        click.echo(res.line())
 
 
 @cli.command("regress")

@@ -7,7 +7,8 @@ samples.csv (each accuracy must be the mean of its *_correct column): a mismatch
 
 The tidy table (report.csv) has one row per run x attack, plus a `worst-case` row for runs with more than
 one attack (a sample counts as robust only if it survives every attack of the run). Its GMACs under attack
-is the largest mean over the run's attacks, the most any of them made the model spend.
+is the largest mean over the run's attacks, the most any of them made the model spend. A folder written by
+`miarobust worst` (worst.py) reads as a run whose attacks are its source runs.
 
 Figures (PNG, and PDF with `pdf=True`); each is always written, and says "no data" (with the run that
 would fill it) when the runs hold nothing to plot, so a report always has the same four files:
@@ -150,8 +151,13 @@ def load_run(folder: Path) -> Run:
 
 
 def check_integrity(summary: dict[str, Any], samples: pd.DataFrame) -> list[str]:
-    """Mismatches between summary.json's accuracies and n and the per-sample records ([] when consistent)."""
+    """Mismatches between summary.json's accuracies and n and the per-sample records ([] when consistent).
+
+    Where summary.json names `headline_rows` (a worst case across runs, worst.py), its figures are over the
+    rows whose column of that name is 1: the images every combined run covers."""
     problems = []
+    if summary.get("headline_rows") is not None:
+        samples = samples[samples[summary["headline_rows"]] == 1]
     n = len(samples)
     if summary.get("n") != n:
         problems.append(f"n is {summary.get('n')} in summary.json but samples.csv has {n} rows")

@@ -61,3 +61,34 @@ def paired_mean_diff(a: list[float], b: list[float], z: float = Z95) -> tuple[fl
     if se == 0:
         return (mean, mean, mean, 1.0 if mean == 0 else 0.0)
     return (mean, mean - z * se, mean + z * se, min(1.0, 2 * normal_sf(abs(mean) / se)))
+
+
+def mcnemar_power(m: int, rate: float = 0.05, level: float = 0.05) -> float:
+    """Power of the one-sided exact McNemar test (`paired_drop_p`) at `level` over m paired samples, when each
+    sample is discordant against the new run with probability `rate` and none is discordant the other way.
+
+    Then the discordant count b ~ Binomial(m, rate) and the p-value is 0.5**b, so the test flags when b >= b_min,
+    the smallest count with 0.5**b_min <= level: the power is P(Binomial(m, rate) >= b_min).
+    """
+    if m <= 0 or not 0 < level < 1:
+        return 0.0
+    b_min = 0
+    while 0.5**b_min > level:
+        b_min += 1
+    return min(1.0, float(sum(math.comb(m, k) * rate**k * (1 - rate) ** (m - k) for k in range(b_min, m + 1))))
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (Holm 1979), in the order given: the i-th smallest of m p-values
+    (i from 0) times m - i, made monotone by a running maximum (step-down) and capped at 1. Rejecting where
+    the adjusted value is below `level` controls the family-wise error rate at `level`."""
+    for p in pvalues:
+        if not 0.0 <= p <= 1.0:  # also refuses nan
+            raise ValueError(f"p-value {p} is not in [0, 1]")
+    m = len(pvalues)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda j: pvalues[j])):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted

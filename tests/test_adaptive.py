@@ -163,6 +163,7 @@ def test_straight_through_variants_and_their_errors() -> None:
     assert st.straight_through and st.gate_grad == "straight-through" and st.name == "autoattack-st"
     assert get_attack("autoattack", cfg).gate_grad == "none" and get_attack("bpda-pgd", cfg).straight_through
     assert straight_through_name("apgd-ce") == "apgd-ce-st" and straight_through_name("square") == "square"
+    assert straight_through_name("pgd") == "bpda-pgd" and straight_through_name("eot-pgd") == "eot-pgd-st"
     assert straight_through_name("bpda-pgd") == "bpda-pgd" and straight_through_name("transfer") == "transfer"
     for bad, says in [("pgd-st", "bpda-pgd"), ("square-st", "no straight-through"), ("slowdown-st", "no straight"),
                       ("nope-st", "unknown attack")]:
@@ -203,3 +204,52 @@ def test_eot_matters_for_the_tap() -> None:
     assert torch.equal(tap.cands[0][tap.score[0].isfinite()][0], near[0])
     tap.observe(near[:3], F.one_hot((y[:3] + 1) % 10, 10).float() * 10)  # the same rows again: no new slot
     assert int(torch.isfinite(tap.score).sum()) == 3
+
+
+def test_cli_gate_grad_runs_the_straight_through_variants(cli, tmp_path) -> None:
+    import json
+
+    args = ["run", "--model", "mia_vit_fmnist", "--n", "4", "--batch-size", "4", "--steps", "2", "--checks", "off",
+            "--out", str(tmp_path)]
+    r = cli(*args, "--attack", "pgd,fgsm,transfer", "--gate-grad", "straight-through")
+    assert r.code == 0, r.err
+    (config,) = tmp_path.glob("*/config.json")
+    cfg = json.loads(config.read_text())
+    assert cfg["attacks"] == ["bpda-pgd", "fgsm-st", "transfer"]
+    assert cfg["gate_grad"] == {"bpda-pgd": "straight-through", "fgsm-st": "straight-through", "transfer": "none"}
+    summary = json.loads((config.parent / "summary.json").read_text())
+    assert summary["attacks"]["fgsm-st"]["label"] == "deterministic-model, straight-through gates"
+    static = cli("run", "--model", "vit_fmnist", "--attack", "fgsm", "--gate-grad", "straight-through", "--n", "4",
+                 "--out", str(tmp_path / "static"))
+    assert static.code == 2 and "has none" in static.err and len(static.err.strip().splitlines()) == 1
+    assert not (tmp_path / "static").exists()
+    assert cli(*args, "--attack", "square-st").code == 2
+
+
+def test_adaptive_preset_probes_eot_once_and_records_it(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On stochastic gates the preset's K comes from the probe, which config.json then answers for a resumed run."""
+    import json
+
+    from miarobust.evaluate import Evaluation, RunConfig, _read_config
+    from miarobust.models.normalize import Normalized
+
+    model = NineOfTen()
+    x, y = data()
+    ev = Evaluation(RunConfig(model="vit_fmnist", data="synthetic", attacks=("adaptive",), n=10, batch_size=10,
+                              eval_samples=4, out=str(tmp_path)))
+    ev.model = Normalized(model, (0.0,), (1.0,)).eval()
+    ev.mia = model
+    ev.victim = Victim(ev.model, model, ev.device)
+    ev.dataset = [(x[i], int(y[i])) for i in range(len(x))]
+    ev.draws = 4
+    ev.macs = lambda b: torch.zeros(b)  # MACs of a ViT mean nothing here
+    calls = []
+    import miarobust.checks as checks
+
+    real = checks.rerun
+    monkeypatch.setattr(checks, "rerun", lambda *a, **k: calls.append(a[2].eot) or real(*a, **k))
+    assert ev.preset_eot(images=10) == 4 and calls == [4, 8]  # NineOfTen's draws are independent: 8 adds nothing
+    folder = tmp_path / ev.cfg.folder_name()
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"resolved_eot": 16}))
+    assert _read_config(folder)["resolved_eot"] == 16 and ev.preset_eot() == 16 and calls == [4, 8]

@@ -4,7 +4,15 @@ import math
 
 import pytest
 
-from miarobust.stats import normal_sf, paired_drop_p, paired_mean_diff, two_proportion_drop_p, wilson
+from miarobust.stats import (
+    holm,
+    mcnemar_power,
+    normal_sf,
+    paired_drop_p,
+    paired_mean_diff,
+    two_proportion_drop_p,
+    wilson,
+)
 
 
 def test_wilson_matches_the_closed_form_and_stays_in_0_1():
@@ -48,3 +56,24 @@ def test_paired_mean_diff_on_fractional_outcomes():
     assert paired_mean_diff([0.5] * 4, [0.5] * 4) == (0.0, 0.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="different lengths"):
         paired_mean_diff([1.0], [1.0, 0.0])
+
+
+def test_holm_adjusts_step_down_monotone_and_capped():
+    # by hand: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # 2 x 0.5 = 1, capped
+    assert holm([0.02]) == [0.02] and holm([]) == []
+    with pytest.raises(ValueError, match="not in"):
+        holm([0.1, float("nan")])
+
+
+def test_mcnemar_power_is_the_binomial_tail_above_the_smallest_flagging_count():
+    """One-sided exact McNemar at 0.05 flags b discordant pairs all one way from b = 5 (0.5**5 = 0.031, 0.5**4 =
+    0.0625): the power is P(Binomial(m, rate) >= 5)."""
+    assert paired_drop_p(5, 0) <= 0.05 < paired_drop_p(4, 0)
+    tail = 1 - sum(math.comb(200, k) * 0.05**k * 0.95 ** (200 - k) for k in range(5))
+    assert mcnemar_power(200) == pytest.approx(tail) and round(mcnemar_power(200), 2) == 0.97
+    assert mcnemar_power(4) == 0.0 and mcnemar_power(0) == 0.0
+    assert mcnemar_power(5) == pytest.approx(0.05**5)
+    assert mcnemar_power(100) < mcnemar_power(134) < mcnemar_power(200) and mcnemar_power(134) >= 0.8
+    assert mcnemar_power(200, rate=1.0) == 1.0

@@ -316,8 +316,11 @@ ST_SUFFIX = "-st"  # NAME-st: the gradient attack NAME through straight-through 
 
 
 def straight_through_name(name: str) -> str:
-    """The straight-through variant's name of attack `name` (itself if it has none: not a gradient attack)."""
+    """The straight-through variant's name of attack `name` (bpda-pgd for pgd; itself if it has none: not a
+    gradient attack)."""
     info = ATTACKS.get(name)
+    if name == "pgd":
+        return "bpda-pgd"
     return f"{name}{ST_SUFFIX}" if info is not None and info.gradient else name
 
 

@@ -1,0 +1,166 @@
+"""The adaptive grid: the gated models and the static one under the `adaptive` preset with the sanity checks on,
+each image's worst case over every run made on it, and the paired comparisons with Holm-corrected p-values.
+
+Cells, each one `miarobust run ... --attack adaptive --checks on` (resumable; results under --out):
+  static `vit_fmnist`; `mia_vit_fmnist` with the weights `mia_vit_fmnist_b07` and with its default weights
+  (`mia_vit_fmnist_lat076`), deterministic gates (--n images) and stochastic gates (--stochastic-n images,
+  10 draws per image, EOT K chosen by the preset's convergence probe).
+Then `miarobust worst` writes, per model x weights x gate mode x eps, each image's worst case over the runs of
+--out and the earlier grid of those weights (results/grid: b07 and the static model; results/grid-lat076: the
+default weights) into --worst-out/<grid>, and the tables are printed from those folders.
+
+    python benchmarks/adaptive_grid.py [--eps 8/255] [--n 1000] [--stochastic-n 200] [--rows REGEX] [--only-table]
+        [--out results/adaptive] [--worst-out results/worst]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from miarobust.stats import holm, paired_drop_p, paired_mean_diff, wilson
+
+B07 = ["--model", "mia_vit_fmnist", "--checkpoint", "mia_vit_fmnist_b07"]
+LAT = ["--model", "mia_vit_fmnist"]  # its default weights, mia_vit_fmnist_lat076
+#: (row name, weights name, gate mode, model arguments, earlier runs joining the worst case); the tables' rows.
+ROWS = [
+    ("vit_fmnist (static)", "vit_fmnist", None, ["--model", "vit_fmnist"], "results/grid"),
+    ("b07, deterministic gates", "mia_vit_fmnist_b07", "deterministic", [*B07, "--gate-mode", "deterministic"],
+     "results/grid"),
+    ("b07, stochastic gates", "mia_vit_fmnist_b07", "stochastic",
+     [*B07, "--gate-mode", "stochastic", "--eval-samples", "10"], "results/grid"),
+    ("lat076, deterministic gates", "mia_vit_fmnist_lat076", "deterministic", [*LAT, "--gate-mode", "deterministic"],
+     "results/grid-lat076"),
+    ("lat076, stochastic gates", "mia_vit_fmnist_lat076", "stochastic",
+     [*LAT, "--gate-mode", "stochastic", "--eval-samples", "10"], "results/grid-lat076"),
+]
+#: (row a, row b): is a more robust than b on the same images?
+PAIRS = [
+    ("b07, deterministic gates", "vit_fmnist (static)"),
+    ("b07, stochastic gates", "vit_fmnist (static)"),
+    ("b07, stochastic gates", "b07, deterministic gates"),
+    ("lat076, deterministic gates", "vit_fmnist (static)"),
+    ("lat076, stochastic gates", "vit_fmnist (static)"),
+    ("lat076, stochastic gates", "lat076, deterministic gates"),
+]
+
+
+def cell(argv: list[str], gate: str | None, eps: str, n: int, stochastic_n: int, out: str) -> list[str]:
+    """`miarobust run` arguments of one cell."""
+    count = stochastic_n if gate == "stochastic" else n
+    return ["run", *argv, "--attack", "adaptive", "--eps", eps, "--n", str(count), "--data", "embedded",
+            "--checks", "on", "--out", out]
+
+
+def weights_sha256(name: str) -> str:
+    from miarobust.models.registry import file_sha256
+    from miarobust.models.vit import shipped_checkpoint
+
+    return file_sha256(shipped_checkpoint(f"{name}.safetensors"))
+
+
+def eps_value(text: str) -> float:
+    from miarobust.cli import parse_eps
+
+    return parse_eps(text)
+
+
+def worst_folders(root: Path) -> dict[tuple[str, str | None, float], Path]:
+    """(weights SHA-256, gate mode, eps) -> worst-case folder under `root`."""
+    found = {}
+    for path in root.glob("*/config.json"):
+        cfg = json.loads(path.read_text())
+        found[cfg.get("weights_sha256"), cfg.get("gate_mode"), round(float(cfg["eps"]), 9)] = path.parent
+    return found
+
+
+def headline(folder: Path) -> pd.DataFrame:
+    """index, robust, clean_correct of the images every source run of a worst-case folder covers."""
+    s = pd.read_csv(folder / "samples.csv")
+    return s[s["in_all"] == 1][["index", "robust", "clean_correct"]]
+
+
+def pct(acc: float, n: int) -> str:
+    lo, hi = wilson(acc * n, n)
+    return f"{100 * acc:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (n={n})"
+
+
+def compare(a: pd.DataFrame, b: pd.DataFrame) -> tuple[int, float, float, str, float]:
+    """On the images both cover: n, robust of a and b, the difference as text, and the two-sided p (McNemar for
+    0/1 outcomes, else the paired mean difference)."""
+    both = a.merge(b, on="index", suffixes=("_a", "_b"))
+    ra, rb = both.robust_a, both.robust_b
+    if set(ra.unique()) <= {0, 1} and set(rb.unique()) <= {0, 1}:
+        only_a, only_b = int(((ra == 1) & (rb == 0)).sum()), int(((ra == 0) & (rb == 1)).sum())
+        p = min(1.0, 2 * min(paired_drop_p(only_a, only_b), paired_drop_p(only_b, only_a)))
+        return len(both), ra.mean(), rb.mean(), f"{100 * (ra.mean() - rb.mean()):+.1f} ({only_a} vs {only_b} images)", p
+    diff, lo, hi, p = paired_mean_diff(ra.tolist(), rb.tolist())
+    return len(both), ra.mean(), rb.mean(), f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]", p
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--eps", default="8/255", help="comma-separated, e.g. 1/255,2/255,4/255,8/255")
+    ap.add_argument("--n", type=int, default=1000, help="images of the static and deterministic cells")
+    ap.add_argument("--stochastic-n", type=int, default=200, help="images of the stochastic cells (AutoAttack through EOT)")
+    ap.add_argument("--out", default="results/adaptive")
+    ap.add_argument("--worst-out", default="results/worst")
+    ap.add_argument("--rows", default=None, help="regular expression: run only the matching rows (several processes "
+                    "can share the grid); the tables show them all")
+    ap.add_argument("--only-table", action="store_true", help="run nothing, read the runs")
+    args = ap.parse_args()
+    eps_list = args.eps.split(",")
+    if not args.only_table:
+        for eps in eps_list:
+            for name, _, gate, argv, _ in ROWS:
+                if args.rows is None or re.search(args.rows, name):
+                    cmd = cell(argv, gate, eps, args.n, args.stochastic_n, args.out)
+                    print("$ miarobust", shlex.join(cmd), flush=True)
+                    subprocess.run([sys.executable, "-m", "miarobust", *cmd], check=True)
+    from miarobust.worst import worst_case
+
+    folders = {}
+    for earlier in sorted({row[-1] for row in ROWS}):
+        sources = [p for p in (args.out, earlier) if Path(p).is_dir()]
+        if sources:
+            worst_case(sources, Path(args.worst_out) / Path(earlier).name)
+        folders[earlier] = worst_folders(Path(args.worst_out) / Path(earlier).name)
+    table: dict[str, dict[str, pd.DataFrame]] = {}
+    print(f"\nEach image's worst case over every run on it ({args.out} and the earlier grid of the weights), on the "
+          "images all those runs cover:\n")
+    print("| model, gates | clean % | " + " | ".join(f"eps {e}" for e in eps_list) + " | runs combined |")
+    print("|---|---|" + "---|" * len(eps_list) + "---|")
+    for name, weights, gate, _, earlier in ROWS:
+        sha = weights_sha256(weights)
+        cells, clean, runs = [], "-", set()
+        for eps in eps_list:
+            folder = folders[earlier].get((sha, gate, round(eps_value(eps), 9)))
+            if folder is None:
+                cells.append("-")
+                continue
+            h = headline(folder)
+            table.setdefault(name, {})[eps] = h
+            cells.append(pct(h.robust.mean(), len(h)))
+            clean = f"{100 * h.clean_correct.mean():.1f}"
+            runs.add(len(json.loads((folder / "config.json").read_text())["combines"]))
+        print(f"| {name} | {clean} | " + " | ".join(cells) + f" | {'/'.join(map(str, sorted(runs))) or '-'} |")
+    rows = [(a, b, eps, *compare(table[a][eps], table[b][eps]))
+            for a, b in PAIRS for eps in eps_list if eps in table.get(a, {}) and eps in table.get(b, {})]
+    adjusted = holm([r[-1] for r in rows])
+    print(f"\nPaired on the same images; p two-sided (exact McNemar for 0/1 outcomes, else the paired mean difference of "
+          f"expected correctness), Holm-adjusted over the {len(rows)} comparisons of this table:\n")
+    print("| more robust? | than | eps | n | robust % (a, b) | difference, points | p | Holm p |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (a, b, eps, n, ra, rb, diff, p), padj in zip(rows, adjusted):
+        print(f"| {a} | {b} | {eps} | {n} | {100 * ra:.1f}, {100 * rb:.1f} | {diff} | {p:.3g} | {padj:.3g} |")
+
+
+if __name__ == "__main__":
+    main()
