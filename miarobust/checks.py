@@ -197,7 +197,11 @@ def rerun(ev: Any, name: str, acfg: AttackConfig, m: int, salt: int, todo: torch
     fn = build_attack(info, ev.victim, acfg)
     threat = ThreatModel(acfg.norm, acfg.eps)
     out = torch.zeros(m, dtype=torch.float64)
-    for b, x, y in batches(ev, m):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(batches(ev, m), total=-(-m // ev.cfg.batch_size), desc=f"  check: {name}", unit="batch", leave=False,
+               disable=not getattr(ev, "progress", False))
+    for b, x, y in bar:
         lo = b * ev.cfg.batch_size
         sel = torch.arange(len(x)) if todo is None else todo[lo:lo + len(x)].nonzero().squeeze(1)
         if len(sel) == 0:
@@ -470,10 +474,16 @@ def run_checks(cfg: Any, ev: Any, samples: pd.DataFrame, summary: dict[str, Any]
         "slowdown_steps": lambda: slowdown_steps(ev, samples, p.images),
     }
     checks: dict[str, Any] = {}
-    for name in sorted(p.checks, key=lambda c: c == "autoattack_flags"):  # last: it judges the others' reruns
+    from tqdm.auto import tqdm
+
+    shown = getattr(ev, "progress", False)
+    order = sorted(p.checks, key=lambda c: c == "autoattack_flags")  # last: it judges the others' reruns
+    for name in tqdm(order, desc="sanity checks", unit="check", disable=not shown):
         if not attacked and name != "autoattack_flags":
             checks[name] = skip
-            continue
-        log.info("sanity check %s", name)
-        checks[name] = run[name]()
+        else:
+            log.info("sanity check %s", name)
+            checks[name] = run[name]()
+        if shown:
+            tqdm.write(f"check {name}: {checks[name]['status']}: {checks[name]['message']}")
     return {name: checks[name] for name in p.checks}

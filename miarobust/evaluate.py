@@ -201,6 +201,7 @@ class Evaluation:
         # per batch, the warnings of AutoAttack's own checks by attack (kept in partial/ beside the batch's
         # records, so a resumed or distributed run judges every batch, not just this process's)
         self.warnings: dict[int, dict[str, list[str]]] = {}
+        self.progress = False  # show the checks' progress and results (set by `run` on the process that reports)
 
     # -- the adaptive preset's EOT ------------------------------------------------------------------------
     def preset_eot(self, start: int = 4, most: int = 64, images: int = 100, level: float = 0.05) -> int:
@@ -420,19 +421,29 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1) ->
             raise failure
         if state == "failed":
             raise UserError(message)
+        shown = progress and rank == 0
+        ev.progress = shown
         if state == "done":
             log.info("%s is complete already: nothing to do", folder)
+            if shown:
+                tqdm.write(f"already complete: {folder} (delete it, or pass another --out, to run again)")
             return RunResult(folder, json.loads((folder / SUMMARY).read_text()) if rank == 0 else {})
         todo = list(batches_todo(folder, ev.num_batches, rank, world))
-        bar = tqdm(todo, desc=f"{cfg.model} x {'+'.join(cfg.attacks)}", unit="batch", disable=not progress or rank != 0)
+        done = sum(1 for _ in (folder / PARTIAL).glob("batch_*.csv"))
+        if shown and done:
+            tqdm.write(f"resuming {folder}: {done} of {ev.num_batches} batches done")
+        bar = tqdm(todo, desc=f"{cfg.model} x {'+'.join(cfg.attacks)}", unit="batch", disable=not shown)
         error: Exception | None = None
+        sums = {"clean": 0.0, "robust": 0.0, "n": 0}  # running accuracy over this process's batches
         try:
             for b in bar:
                 frame = ev.run_batch(b)
                 if ev.warnings[b]:  # before the records, whose file marks the batch done
                     write_json(folder / PARTIAL / warnings_name(b), ev.warnings[b])
                 write_csv(folder / PARTIAL / partial_name(b), frame)
-                bar.set_postfix(clean=f"{frame['clean_correct'].mean():.3f}", robust=f"{frame['robust'].mean():.3f}")
+                sums = {"clean": sums["clean"] + frame["clean_correct"].sum(), "robust": sums["robust"] + frame["robust"].sum(),
+                        "n": sums["n"] + len(frame)}
+                bar.set_postfix(clean=f"{sums['clean'] / sums['n']:.3f}", robust=f"{sums['robust'] / sums['n']:.3f}")
         except Exception as e:  # noqa: BLE001  (re-raised below, once every rank knows)
             error = e
         except BaseException:  # interrupted: no collective, the other ranks are interrupted too

@@ -49,7 +49,7 @@ NUMERIC = ("eps", "steps", "eval_samples", "n", "eot", "clean_acc", "clean_ci_lo
            "ci_hi", "gmacs_clean", "gmacs_adv")
 
 #: Columns of report.csv, in order.
-COLUMNS = ["data", "model", "gate_mode", "params", "norm", "eps", "eps_text", "attack", "label", "eot", "steps",
+COLUMNS = ["data", "model", "weights", "gate_mode", "params", "norm", "eps", "eps_text", "attack", "label", "eot", "steps",
            "eval_samples", "n", "clean_acc", "clean_ci_lo", "clean_ci_hi", "robust_acc", "ci_lo", "ci_hi",
            "gmacs_clean", "gmacs_adv", "flags", "integrity", "folder"]
 
@@ -219,6 +219,18 @@ def param_count(model: str, num_classes: int | None = None, img_size: int | None
     return _PARAMS[key]
 
 
+def weights_label(config: dict[str, Any]) -> str:
+    """Which weights a run used, in a few characters: the checkpoint file's name without its suffix (a shipped
+    checkpoint's name), with the start of its SHA-256 for a file of the user's; 'random' without one."""
+    source = (config.get("combines") or [config])[0]  # a worst-case folder: its first source run's
+    checkpoint, sha = source.get("checkpoint"), source.get("weights_sha256") or config.get("weights_sha256")
+    if not checkpoint:
+        return f"sha256 {sha[:8]}" if sha else "random"
+    stem = Path(str(checkpoint)).name.removesuffix(".safetensors")
+    shipped = Path(str(checkpoint)).parent.name == "checkpoints" and Path(str(checkpoint)).parent.parent.name == "miarobust"
+    return stem if shipped or not sha else f"{stem} ({sha[:8]})"
+
+
 def run_rows(run: Run, params: bool = True) -> list[dict[str, Any]]:
     """The rows of report.csv for one run: one per attack, plus the worst case when it has several."""
     s, c = run.summary, run.config
@@ -226,7 +238,7 @@ def run_rows(run: Run, params: bool = True) -> list[dict[str, Any]]:
     if run.integrity:
         flagged.append("integrity")
     base = {
-        "data": s["data"], "model": s["model"], "gate_mode": s.get("gate_mode") or "static",
+        "data": s["data"], "model": s["model"], "weights": weights_label(c), "gate_mode": s.get("gate_mode") or "static",
         "params": param_count(s["model"], c.get("num_classes"), c.get("img_size")) if params else None,
         "norm": s.get("norm", c.get("norm")), "eps": s.get("eps", c.get("eps")), "eps_text": s.get("eps_text", c.get("eps_text")),
         "steps": s.get("steps", c.get("steps")), "eval_samples": s.get("eval_samples", 1), "n": s["n"],
@@ -256,7 +268,7 @@ def tidy(runs: list[Run], params: bool = True) -> pd.DataFrame:
     rows = [r for run in runs for r in run_rows(run, params)]
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["_worst"] = df["attack"].isin([WORST, "none"])
-    df = df.sort_values(["data", "model", "gate_mode", "norm", "eps", "folder", "_worst", "attack"], kind="stable")
+    df = df.sort_values(["data", "model", "weights", "gate_mode", "norm", "eps", "folder", "_worst", "attack"], kind="stable")
     return df.drop(columns="_worst").reset_index(drop=True)
 
 
@@ -274,7 +286,7 @@ def _num(x: Any, fmt: str) -> str:
 def display_table(df: pd.DataFrame) -> pd.DataFrame:
     """The human-readable table of one data set: percentages, intervals, M params, units in the headers."""
     return pd.DataFrame({
-        "Model": df["model"], "Gate mode": df["gate_mode"],
+        "Model": df["model"], "Weights": df["weights"], "Gate mode": df["gate_mode"],
         "Params (M)": [_num(p / 1e6 if p is not None and not pd.isna(p) else None, ".3f") for p in df["params"]],
         "GMACs clean": [_num(x, ".4g") for x in df["gmacs_clean"]],
         "GMACs adv": [_num(x, ".4g") for x in df["gmacs_adv"]],
@@ -666,11 +678,14 @@ def write_report(root: str | Path, out: str | Path | None = None, pdf: bool = Fa
 
     plots: list[Path] = []
     notes: list[str] = []
+    # each set of weights its own series where a model ran with several
+    several = table.groupby("model")["weights"].transform("nunique") > 1
+    series = table.assign(model=table["model"].where(~several, table["model"] + " [" + table["weights"] + "]"))
     makers: list[tuple[str, Callable[[], Any]]] = [
-        ("accuracy_vs_gmacs", lambda: (plot_accuracy_vs_gmacs(table), [])),
-        ("robust_vs_eps", lambda: (plot_robust_vs_eps(table), [])),
+        ("accuracy_vs_gmacs", lambda: (plot_accuracy_vs_gmacs(series), [])),
+        ("robust_vs_eps", lambda: (plot_robust_vs_eps(series), [])),
         ("gmacs_hist", lambda: plot_gmacs_hist(runs)),
-        ("robust_vs_eot", lambda: plot_robust_vs_eot(table)),
+        ("robust_vs_eot", lambda: plot_robust_vs_eot(series)),
     ]
     for name, make in makers:
         fig, more = make()

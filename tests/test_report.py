@@ -62,7 +62,8 @@ def test_report_writes_every_file_and_the_csv_equals_summary_json(cli, runs_root
     assert (table["params"] > 1e5).all()  # counted on the meta device
 
     md = (tmp_path / "report.md").read_text()
-    assert "## embedded" in md and "| Model | Gate mode | Params (M)" in md and "adaptive" in md
+    assert "## embedded" in md and "| Model | Weights | Gate mode | Params (M)" in md and "adaptive" in md
+    assert "mia_vit_fmnist_lat076" in md and set(table["weights"]) >= {"vit_fmnist", "mia_vit_fmnist_lat076"}
     assert all(f"![{p}]({p}.png)" in md for p in PLOTS)
     tex = (tmp_path / "report.tex").read_text()
     assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex and "mia\\_vit\\_fmnist" in tex
