@@ -3,13 +3,13 @@ each image's worst case over every run made on it, and the paired comparisons wi
 
 Cells, each one `miarobust run ... --attack adaptive --checks on` (resumable; results under --out):
   static `vit_fmnist`; `mia_vit_fmnist` with the weights `mia_vit_fmnist_b07` and with its default weights
-  (`mia_vit_fmnist_lat076`), deterministic gates (--n images) and stochastic gates (--stochastic-n images,
-  10 draws per image, EOT K chosen by the preset's convergence probe).
+  (`mia_vit_fmnist_lat076`), deterministic gates and stochastic gates (10 draws per image, EOT K chosen by
+  the preset's convergence probe), each on the first images of the embedded set (ROWS says how many).
 Then `miarobust worst` writes, per model x weights x gate mode x eps, each image's worst case over the runs of
 --out and the earlier grid of those weights (results/grid: b07 and the static model; results/grid-lat076: the
 default weights) into --worst-out/<grid>, and the tables are printed from those folders.
 
-    python benchmarks/adaptive_grid.py [--eps 8/255] [--n 1000] [--stochastic-n 200] [--rows REGEX] [--only-table]
+    python benchmarks/adaptive_grid.py [--eps 8/255] [--n N] [--rows REGEX] [--only-table]
         [--out results/adaptive] [--worst-out results/worst]
 """
 
@@ -29,17 +29,18 @@ from miarobust.stats import holm, paired_drop_p, paired_mean_diff, wilson
 
 B07 = ["--model", "mia_vit_fmnist", "--checkpoint", "mia_vit_fmnist_b07"]
 LAT = ["--model", "mia_vit_fmnist"]  # its default weights, mia_vit_fmnist_lat076
-#: (row name, weights name, gate mode, model arguments, earlier runs joining the worst case); the tables' rows.
+#: (row name, weights name, gate mode, model arguments, images, earlier runs joining the worst case): the rows.
+#: The images match the earlier grid's AutoAttack runs of those weights where AutoAttack there covered fewer.
 ROWS = [
-    ("vit_fmnist (static)", "vit_fmnist", None, ["--model", "vit_fmnist"], "results/grid"),
-    ("b07, deterministic gates", "mia_vit_fmnist_b07", "deterministic", [*B07, "--gate-mode", "deterministic"],
+    ("vit_fmnist (static)", "vit_fmnist", None, ["--model", "vit_fmnist"], 500, "results/grid"),
+    ("b07, deterministic gates", "mia_vit_fmnist_b07", "deterministic", [*B07, "--gate-mode", "deterministic"], 500,
      "results/grid"),
     ("b07, stochastic gates", "mia_vit_fmnist_b07", "stochastic",
-     [*B07, "--gate-mode", "stochastic", "--eval-samples", "10"], "results/grid"),
+     [*B07, "--gate-mode", "stochastic", "--eval-samples", "10"], 200, "results/grid"),
     ("lat076, deterministic gates", "mia_vit_fmnist_lat076", "deterministic", [*LAT, "--gate-mode", "deterministic"],
-     "results/grid-lat076"),
+     200, "results/grid-lat076"),
     ("lat076, stochastic gates", "mia_vit_fmnist_lat076", "stochastic",
-     [*LAT, "--gate-mode", "stochastic", "--eval-samples", "10"], "results/grid-lat076"),
+     [*LAT, "--gate-mode", "stochastic", "--eval-samples", "10"], 200, "results/grid-lat076"),
 ]
 #: (row a, row b): is a more robust than b on the same images?
 PAIRS = [
@@ -52,10 +53,9 @@ PAIRS = [
 ]
 
 
-def cell(argv: list[str], gate: str | None, eps: str, n: int, stochastic_n: int, out: str) -> list[str]:
+def cell(argv: list[str], eps: str, n: int, out: str) -> list[str]:
     """`miarobust run` arguments of one cell."""
-    count = stochastic_n if gate == "stochastic" else n
-    return ["run", *argv, "--attack", "adaptive", "--eps", eps, "--n", str(count), "--data", "embedded",
+    return ["run", *argv, "--attack", "adaptive", "--eps", eps, "--n", str(n), "--data", "embedded",
             "--checks", "on", "--out", out]
 
 
@@ -108,8 +108,7 @@ def compare(a: pd.DataFrame, b: pd.DataFrame) -> tuple[int, float, float, str, f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--eps", default="8/255", help="comma-separated, e.g. 1/255,2/255,4/255,8/255")
-    ap.add_argument("--n", type=int, default=1000, help="images of the static and deterministic cells")
-    ap.add_argument("--stochastic-n", type=int, default=200, help="images of the stochastic cells (AutoAttack through EOT)")
+    ap.add_argument("--n", type=int, default=None, help="images of every cell (default: each row's, see ROWS)")
     ap.add_argument("--out", default="results/adaptive")
     ap.add_argument("--worst-out", default="results/worst")
     ap.add_argument("--rows", default=None, help="regular expression: run only the matching rows (several processes "
@@ -119,9 +118,9 @@ def main() -> None:
     eps_list = args.eps.split(",")
     if not args.only_table:
         for eps in eps_list:
-            for name, _, gate, argv, _ in ROWS:
+            for name, _, _, argv, n, _ in ROWS:
                 if args.rows is None or re.search(args.rows, name):
-                    cmd = cell(argv, gate, eps, args.n, args.stochastic_n, args.out)
+                    cmd = cell(argv, eps, args.n or n, args.out)
                     print("$ miarobust", shlex.join(cmd), flush=True)
                     subprocess.run([sys.executable, "-m", "miarobust", *cmd], check=True)
     from miarobust.worst import worst_case
@@ -137,7 +136,7 @@ def main() -> None:
           "images all those runs cover:\n")
     print("| model, gates | clean % | " + " | ".join(f"eps {e}" for e in eps_list) + " | runs combined |")
     print("|---|---|" + "---|" * len(eps_list) + "---|")
-    for name, weights, gate, _, earlier in ROWS:
+    for name, weights, gate, _, _, earlier in ROWS:
         sha = weights_sha256(weights)
         cells, clean, runs = [], "-", set()
         for eps in eps_list:

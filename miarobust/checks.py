@@ -47,6 +47,7 @@ reference) attacks only the images the earlier ones left robust.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -191,7 +192,7 @@ def rerun(ev: Any, name: str, acfg: AttackConfig, m: int, salt: int, todo: torch
     attacked; the others get 0. The attack's output is checked against its threat model like any other; seeded
     per batch, so the result is reproducible. An AutoAttack component's warnings go to `autoattack_runs`.
     """
-    from miarobust.evaluate import batch_seed
+    from miarobust.evaluator import batch_seed
 
     info = get_attack(name, acfg)
     fn = build_attack(info, ev.victim, acfg)
@@ -244,7 +245,7 @@ def large_eps(ev: Any, samples: pd.DataFrame, m: int, autoattack_runs: list[Auto
     todo = clean > 0
     adv = rerun(ev, "pgd", acfg, m, salt=20_011, todo=todo, autoattack_runs=autoattack_runs)
     acc = float(torch.minimum(clean, adv).mean())
-    bound = 1 / ev.model.model.num_classes + CHANCE_SLACK
+    bound = 1 / ev.num_classes + CHANCE_SLACK
     value = {"acc": acc, "bound": bound, "eps": LARGE_EPS, "steps": acfg.steps, "eot": k, "images": m}
     if acc > bound:
         return result("flag", value, f"PGD at Linf eps {LARGE_EPS} (enough to turn any image grey) leaves accuracy "
@@ -399,7 +400,7 @@ def slowdown_steps(ev: Any, samples: pd.DataFrame, m: int) -> dict[str, Any]:
 def randomness(ev: Any) -> dict[str, Any]:
     """(7) Repeated forwards of the first batch's clean images give the same outputs, or the run treats the model
     as random: labelled stochastic, with a white-box attack averaging its draws through EOT."""
-    from miarobust.evaluate import batch_seed
+    from miarobust.evaluator import batch_seed
 
     if ev.n == 0:
         return result("skip", None, "no images")
@@ -485,5 +486,5 @@ def run_checks(cfg: Any, ev: Any, samples: pd.DataFrame, summary: dict[str, Any]
             log.info("sanity check %s", name)
             checks[name] = run[name]()
         if shown:
-            tqdm.write(f"check {name}: {checks[name]['status']}: {checks[name]['message']}")
+            tqdm.write(f"check {name}: {checks[name]['status']}: {checks[name]['message']}", file=sys.stderr)
     return {name: checks[name] for name in p.checks}

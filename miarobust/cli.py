@@ -118,7 +118,7 @@ def run_cmd(**kw: Any) -> None:
 
     cfg = make_run_config(kw)
     with distributed_context(cfg) as (rank, world):
-        from miarobust.evaluate import run
+        from miarobust.evaluator import run
 
         try:
             res = run(cfg, progress=sys.stderr.isatty() or world == 1, rank=rank, world=world)
@@ -137,7 +137,7 @@ def run_cmd(**kw: Any) -> None:
 
 
 def make_run_config(kw: dict[str, Any]) -> Any:
-    from miarobust.evaluate import RunConfig
+    from miarobust.evaluator import RunConfig
 
     eps, eps_text = kw.pop("eps")
     alpha = kw.pop("alpha")
@@ -262,7 +262,7 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
               latency_table: str | None, rl_weight: float, flops_lambda: float, teacher: str | None, kd_weight: float,
               **kw: Any) -> None:
     """Train a static ViT, or MIA-Former's controller and backbone (hybrid SL + RL)."""
-    from miarobust.evaluate import resolve_device
+    from miarobust.evaluator import resolve_device
     from miarobust.train.loop import TrainConfig
 
     resolve_device(kw["device"])
@@ -346,7 +346,7 @@ def worst_cmd(paths: tuple[str, ...], out: str) -> None:
 def regress_cmd(baseline: str, runs: str | None, level: float, tolerance: float | None, out: str | None,
                 device: str | None, jobs: int) -> None:
     """Compare clean and robust accuracy with a baseline; exit 1 when a drop is beyond the noise."""
-    from miarobust.evaluate import resolve_device
+    from miarobust.evaluator import resolve_device
     from miarobust.regress import REGRESSED, RegressConfig, format_table, regress
 
     if device is not None:

@@ -71,7 +71,7 @@ def run_config(config: dict[str, Any], folder_name: str | None = None) -> Any:
     checkpoint's name); the candidate whose folder name matches is the config to re-run, so the re-run takes
     the same defaults (the checkout's shipped weights, not a path recorded on another machine).
     """
-    from miarobust.evaluate import RunConfig
+    from miarobust.evaluator import RunConfig
 
     names = {f.name for f in dataclasses.fields(RunConfig)}
     kw = {k: v for k, v in config.items() if k in names}
@@ -105,7 +105,7 @@ def _rerun_folder(config: dict[str, Any], name: str, out: str, device: str | Non
     """
     import torch
 
-    from miarobust.evaluate import run
+    from miarobust.evaluator import run
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -122,7 +122,7 @@ def rerun_all(runs: list[Run], out: Path, device: str | None = None, jobs: int =
 
     The baseline's small CPU runs are bound by per-operation overhead, not arithmetic, so two processes of
     one thread each finish sooner than one process of two threads (the committed baseline on 2 cores:
-    220 s against 356 s). Results do not depend on it: every batch is seeded on its own (see evaluate.py).
+    220 s against 356 s). Results do not depend on it: every batch is seeded on its own (see evaluator.py).
     """
     if jobs <= 1 or len(runs) <= 1:
         return [load_run(Path(_rerun_folder(b.config, b.name, str(out), device))) for b in runs]

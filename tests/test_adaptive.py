@@ -230,7 +230,7 @@ def test_adaptive_preset_probes_eot_once_and_records_it(tmp_path, monkeypatch: p
     """On stochastic gates the preset's K comes from the probe, which config.json then answers for a resumed run."""
     import json
 
-    from miarobust.evaluate import Evaluation, RunConfig, _read_config
+    from miarobust.evaluator import Evaluation, RunConfig, _read_config
     from miarobust.models.normalize import Normalized
 
     model = NineOfTen()

@@ -26,7 +26,7 @@ from torch import nn
 
 from miarobust import checks
 from miarobust.attacks import ATTACKS, AttackConfig, Victim, build_attack, get_attack
-from miarobust.evaluate import Evaluation, RunConfig, summarize
+from miarobust.evaluator import Evaluation, RunConfig, summarize
 from miarobust.models.gates import GateMode
 from miarobust.models.normalize import Normalized
 from miarobust.results import CSV_FLOAT
@@ -120,7 +120,7 @@ def records(ev: Evaluation) -> pd.DataFrame:
 
 
 def evaluate(ev: Evaluation) -> tuple[pd.DataFrame, dict]:
-    """samples, summary and checks of `ev`, as evaluate.finish computes them (without the files)."""
+    """samples, summary and checks of `ev`, as evaluator.finish computes them (without the files)."""
     samples = pd.concat([ev.run_batch(b) for b in range(ev.num_batches)], ignore_index=True)
     summary = summarize(ev.cfg, samples, ev.attacks, ev.draws, {})
     summary["checks"] = checks.run_checks(ev.cfg, ev, samples, summary)
@@ -424,7 +424,7 @@ def test_reruns_are_checked_against_the_threat_model(templates: torch.Tensor, mo
 
 def test_run_writes_checks_to_summary(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Through the real evaluator and a random MIA-Former in stochastic mode: every check has a result."""
-    from miarobust.evaluate import run
+    from miarobust.evaluator import run
 
     cfg = RunConfig(model="mia_vit_fmnist", gate_mode="stochastic", data="synthetic", attacks=("pgd",), eot=2,
                     steps=2, n=4, batch_size=4, eval_samples=2, checks="on", out=str(tmp_path))

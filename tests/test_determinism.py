@@ -1,4 +1,4 @@
-"""Determinism (miarobust/evaluate.py): the same command and seed give a byte-identical samples.csv, on CPU,
+"""Determinism (miarobust/evaluator.py): the same command and seed give a byte-identical samples.csv, on CPU,
 also with random gates and random starts; batch b depends on (seed, b) alone.
 """
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import TINY, run_subprocess
 
-from miarobust.evaluate import Evaluation, RunConfig, batch_seed
+from miarobust.evaluator import Evaluation, RunConfig, batch_seed
 
 STOCHASTIC = ["--model", "mia_vit_fmnist", "--gate-mode", "stochastic", "--eval-samples", "3",
               "--attack", "pgd,eot-pgd", "--eot", "2", "--n", "12", "--batch-size", "6", "--steps", "2", "--checks", "off"]

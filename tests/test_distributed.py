@@ -1,4 +1,4 @@
-"""miarobust/distributed.py with evaluate.run: batches sharded over torchrun ranks (gloo on CPU), rank 0 merges.
+"""miarobust/distributed.py with evaluator.run: batches sharded over torchrun ranks (gloo on CPU), rank 0 merges.
 
 The merged samples.csv must equal a single process's; a rank resumes its own batches; rank 0 holds the
 folder lock and writes config.json before any rank starts, and a failure on one rank stops every rank.
@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from conftest import files_under, subprocess_env
 
-from miarobust import evaluate
+from miarobust import evaluator
 from miarobust.errors import UserError
-from miarobust.evaluate import Evaluation, FolderLock, RunConfig, batches_todo, partial_name, run
+from miarobust.evaluator import Evaluation, FolderLock, RunConfig, batches_todo, partial_name, run
 from miarobust.results import write_csv
 
 #: n = 101 with batches of 10: 11 batches, the last one short, 6 on rank 0 and 5 on rank 1.
@@ -102,13 +102,13 @@ def test_rank0_lock_busy_stops_every_rank(tmp_path, monkeypatch):
     cfg = RunConfig(**{**CFG, "n": 20}, out=str(tmp_path))
     folder = tmp_path / cfg.folder_name()
     sent = []
-    monkeypatch.setattr(evaluate, "_broadcast", lambda obj: sent.append(obj) or obj)
+    monkeypatch.setattr(evaluator, "_broadcast", lambda obj: sent.append(obj) or obj)
     with FolderLock(folder):
         with pytest.raises(UserError, match="another miarobust process is writing"):
             run(cfg, progress=False, rank=0, world=2)
     assert sent == [("failed", f"another miarobust process is writing {folder}: wait for it to finish.")]
     assert files_under(folder) == [".lock"]  # no config.json: rank 0 wrote nothing
-    monkeypatch.setattr(evaluate, "_broadcast", lambda obj: sent[0])  # what rank 1 receives
+    monkeypatch.setattr(evaluator, "_broadcast", lambda obj: sent[0])  # what rank 1 receives
     with pytest.raises(UserError, match="another miarobust process"):
         run(cfg, progress=False, rank=1, world=2)
     assert files_under(folder) == [".lock"]
@@ -118,8 +118,8 @@ def test_config_is_written_by_rank0_before_the_go(tmp_path, monkeypatch):
     cfg = RunConfig(**{**CFG, "n": 20}, out=str(tmp_path))
     folder = tmp_path / cfg.folder_name()
     seen = []
-    monkeypatch.setattr(evaluate, "_broadcast", lambda obj: seen.append(files_under(folder)) or ("go", ""))
-    monkeypatch.setattr(evaluate, "_gather_failures", lambda error, world: [])
+    monkeypatch.setattr(evaluator, "_broadcast", lambda obj: seen.append(files_under(folder)) or ("go", ""))
+    monkeypatch.setattr(evaluator, "_gather_failures", lambda error, world: [])
     run(cfg, progress=False, rank=1, world=2)  # rank 1: its batch 1 only, no config.json, no merge
     assert files_under(folder) == ["partial", f"partial/{partial_name(1)}"]
     seen.clear()
@@ -131,13 +131,13 @@ def test_config_is_written_by_rank0_before_the_go(tmp_path, monkeypatch):
 def test_failure_on_another_rank_stops_rank0(tmp_path, monkeypatch):
     """Rank 1 failed before saving a batch: rank 0 raises too, and removes the folder nothing was saved in."""
     cfg = RunConfig(**{**CFG, "n": 10}, out=str(tmp_path / "out"))  # one batch: rank 0's
-    monkeypatch.setattr(evaluate, "_broadcast", lambda obj: obj)
+    monkeypatch.setattr(evaluator, "_broadcast", lambda obj: obj)
     monkeypatch.setattr(Evaluation, "run_batch", lambda self, b: (_ for _ in ()).throw(UserError("bad image x.png")))
-    monkeypatch.setattr(evaluate, "_gather_failures", lambda error, world: [(0, str(error)), (1, "bad image y.png")])
+    monkeypatch.setattr(evaluator, "_gather_failures", lambda error, world: [(0, str(error)), (1, "bad image y.png")])
     with pytest.raises(UserError, match="bad image x.png"):
         run(cfg, progress=False, rank=0, world=2)
     assert not (tmp_path / "out").exists()
-    monkeypatch.setattr(evaluate, "_gather_failures", lambda error, world: [(1, "bad image y.png")])
+    monkeypatch.setattr(evaluator, "_gather_failures", lambda error, world: [(1, "bad image y.png")])
     monkeypatch.setattr(Evaluation, "run_batch", lambda self, b: pytest.fail("rank 1 has no batch here"))
     cfg = RunConfig(**{**CFG, "n": 10}, out=str(tmp_path / "out2"))
     with pytest.raises(UserError, match="rank 1 failed: bad image y.png"):

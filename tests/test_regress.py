@@ -50,7 +50,7 @@ def fitted_checkpoint(path: Path, worse: bool = False) -> Path:
 @pytest.fixture
 def baseline(tmp_path: Path) -> tuple[Path, Path]:
     """A baseline folder with one run of the good checkpoint (PGD at 8/255): (baseline, checkpoint)."""
-    from miarobust.evaluate import RunConfig, run
+    from miarobust.evaluator import RunConfig, run
 
     ckpt = fitted_checkpoint(tmp_path / "model.safetensors")
     base = tmp_path / "baseline"
@@ -105,7 +105,7 @@ def test_read_runs_equal_to_the_baseline_pass(cli, baseline, tmp_path):
 
 def test_parallel_reruns_give_the_same_table(cli, baseline, tmp_path):
     """--jobs 2 re-runs in two worker processes: same table as one process, and a worse model still fails."""
-    from miarobust.evaluate import RunConfig, run
+    from miarobust.evaluator import RunConfig, run
 
     base, ckpt = baseline
     run(RunConfig(model="vit_fmnist", checkpoint=str(ckpt), attacks=("fgsm",), n=N, batch_size=N, eps=2 / 255,

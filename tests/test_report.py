@@ -21,7 +21,7 @@ TINY = dict(n=20, batch_size=20, steps=1, checks="off")
 @pytest.fixture(scope="module")
 def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three finished runs: static at 8/255 (pgd+fgsm) and 2/255 (pgd), stochastic MIA with EOT 2."""
-    from miarobust.evaluate import RunConfig, run
+    from miarobust.evaluator import RunConfig, run
 
     root = tmp_path_factory.mktemp("runs")
     run(RunConfig(model="vit_fmnist", attacks=("pgd", "fgsm"), out=str(root), **TINY), progress=False)

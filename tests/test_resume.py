@@ -1,4 +1,4 @@
-"""Resume (miarobust/evaluate.py): an interrupted run, rerun, writes the same samples.csv as an uninterrupted
+"""Resume (miarobust/evaluator.py): an interrupted run, rerun, writes the same samples.csv as an uninterrupted
 one; the folder lock keeps two processes out of one run folder.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY, files_under, subprocess_env
 
-from miarobust.evaluate import Evaluation, FolderLock, RunConfig, partial_name, run
+from miarobust.evaluator import Evaluation, FolderLock, RunConfig, partial_name, run
 
 CFG = dict(model="vit_fmnist", n=24, batch_size=8, steps=2, checks="off")
 
@@ -206,20 +206,20 @@ def test_folder_of_other_weights_is_not_reused(cli, tmp_path):
 def test_autoattack_warnings_of_earlier_batches_survive_a_resume(tmp_path, monkeypatch):
     """Check 6 reads AutoAttack's warnings of every batch, including those of a process that stopped before
     the summary (they are kept in partial/ beside the batch's records): same verdict as one uninterrupted run."""
-    from miarobust import checks, evaluate
+    from miarobust import checks, evaluator
 
     monkeypatch.setattr(checks, "CHECKS", ("robust_le_clean", "autoattack_flags"))  # the other checks: not tested here
     cfg = RunConfig(model="mia_vit_fmnist", gate_mode="stochastic", eval_samples=2, attacks=("apgd-ce",), n=2,
                     batch_size=1, checks="on", out=str(tmp_path))
-    finish = evaluate.finish
+    finish = evaluator.finish
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluate, "finish", stop)
+    monkeypatch.setattr(evaluator, "finish", stop)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, progress=False)
-    monkeypatch.setattr(evaluate, "finish", finish)
+    monkeypatch.setattr(evaluator, "finish", finish)
     monkeypatch.setattr(Evaluation, "run_batch", lambda self, b: pytest.fail("a finished batch was recomputed"))
     flags = run(cfg, progress=False).summary["checks"]["autoattack_flags"]
     # APGD without EOT on the stochastic gates: AutoAttack's randomness warning, a flag (as in one process)

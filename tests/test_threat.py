@@ -72,7 +72,7 @@ def outside(victim, cfg, eot=1):  # noqa: ANN001, ANN201
 
 def test_evaluator_refuses_an_attack_outside_the_ball(monkeypatch: pytest.MonkeyPatch) -> None:
     """The evaluator checks every adversarial example before it counts: a violation is an error."""
-    from miarobust.evaluate import Evaluation, RunConfig
+    from miarobust.evaluator import Evaluation, RunConfig
 
     planted = replace(attacks.ATTACKS["pgd"], name="planted", build=outside)
     monkeypatch.setitem(attacks.ATTACKS, "planted", planted)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -180,7 +181,8 @@ def fit(
         row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0], **{k: v / seen for k, v in sums.items()}, **evaluate()}
         rows.append(row)
         log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
-        tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+        tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
+                   file=sys.stderr)
         frame = pd.DataFrame(rows)
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         write_bytes(out / "model.safetensors", save(weights, metadata={"epoch": str(epoch + 1)}))

@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -145,9 +146,15 @@ def environment() -> dict[str, Any]:
 
 
 class Evaluation:
-    """One run: builds the model, data and attacks from a RunConfig and evaluates batch by batch."""
+    """One run: builds the model, data and attacks from a RunConfig and evaluates batch by batch.
 
-    def __init__(self, cfg: RunConfig):
+    `module`: evaluate this model instead of building `cfg.model` (any nn.Module taking (B, C, H, W) images;
+    normalised by `mean` / `std`, else by its timm `pretrained_cfg`, else not at all; `input_size` (C, H, W)
+    where it has no pretrained_cfg). It is put in eval mode on the device; its parameters are left as they are.
+    """
+
+    def __init__(self, cfg: RunConfig, module: torch.nn.Module | None = None, mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None, input_size: tuple[int, int, int] | None = None):
         from miarobust.data import Geometry, load_dataset
         from miarobust.models import create
         from miarobust.models.gates import GateMode
@@ -161,7 +168,13 @@ class Evaluation:
             if a not in PRESETS:
                 get_attack(a, acfg)
         torch.manual_seed(cfg.seed)  # weights a checkpoint lacks (a controller, a model without shipped weights)
-        backbone = create(cfg.model, checkpoint=cfg.checkpoint, num_classes=cfg.num_classes, img_size=cfg.img_size)
+        if module is None:
+            backbone = create(cfg.model, checkpoint=cfg.checkpoint, num_classes=cfg.num_classes, img_size=cfg.img_size)
+        else:
+            backbone = module
+            if input_size is None and "input_size" not in (getattr(module, "pretrained_cfg", None) or {}):
+                raise UserError(f"{type(module).__name__} has no timm pretrained_cfg saying what it takes: pass "
+                                "input_size=(C, H, W).")
         self.mia = backbone if isinstance(backbone, MIAFormer) else None
         if cfg.gate_mode is not None:
             mode = GateMode.parse(cfg.gate_mode)
@@ -170,11 +183,15 @@ class Evaluation:
             if mode is GateMode.GUMBEL:
                 raise UserError("gate mode 'gumbel' is for training: use full, deterministic or stochastic.")
             self.mia.set_gate_mode(mode)
-        self.model = Normalized(backbone).to(self.device).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = Normalized(backbone, mean, std).to(self.device).eval()
+        if module is None:  # ours: no parameter gradients needed (a user's module keeps its flags)
+            for p in self.model.parameters():
+                p.requires_grad_(False)
         self.victim = Victim(self.model, self.mia, self.device)
-        geometry = Geometry.of(backbone)
+        geometry = Geometry.of(backbone) if input_size is None else Geometry(*input_size)
+        from miarobust.models.flops import module_macs
+
+        self.static_macs = module_macs(backbone, (geometry.channels, geometry.height, geometry.width))
         c, h, w = geometry.channels, geometry.height, geometry.width
         diameter = 1.0 if cfg.norm == "Linf" else (c * h * w) ** 0.5  # of the [0, 1] box: a ball that wide covers it
         if cfg.eps >= diameter:
@@ -183,7 +200,11 @@ class Evaluation:
             raise UserError(f"--eps {cfg.eps_text} is >= {why}.")
         self.dataset: Dataset = load_dataset(cfg.data, geometry, cfg.data_root, cfg.split)
         classes = getattr(self.dataset, "num_classes", None)
-        out_dim = backbone.num_classes
+        out_dim = getattr(backbone, "num_classes", None)
+        if not isinstance(out_dim, int):  # a module of the user's: its outputs say
+            with torch.no_grad():
+                out_dim = int(self.model(torch.zeros(1, c, h, w, device=self.device)).shape[-1])
+        self.num_classes = out_dim
         if classes is not None and classes > out_dim:
             raise UserError(f"{cfg.data} has {classes} classes but {cfg.model} outputs {out_dim}: pass --num-classes {classes}.")
         self.n = len(self.dataset) if cfg.n is None else cfg.n
@@ -202,6 +223,7 @@ class Evaluation:
         # records, so a resumed or distributed run judges every batch, not just this process's)
         self.warnings: dict[int, dict[str, list[str]]] = {}
         self.progress = False  # show the checks' progress and results (set by `run` on the process that reports)
+        self.weights_sha256: str | None = None  # of a module's state_dict (api.evaluate); else of the checkpoint file
 
     # -- the adaptive preset's EOT ------------------------------------------------------------------------
     def preset_eot(self, start: int = 4, most: int = 64, images: int = 100, level: float = 0.05) -> int:
@@ -241,7 +263,7 @@ class Evaluation:
     @torch.no_grad()
     def predict(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Prediction (majority over draws), correctness (mean over draws) and GMACs (mean) per image."""
-        votes = torch.zeros(len(x), self.model.model.num_classes, device=x.device)
+        votes = torch.zeros(len(x), self.num_classes, device=x.device)
         correct = torch.zeros(len(x), device=x.device)
         macs = torch.zeros(len(x), device=x.device)
         for _ in range(self.draws):
@@ -255,9 +277,7 @@ class Evaluation:
         """MACs per image of the latest forward: the executed structure for MIA-Former, fixed for static."""
         if self.mia is not None:
             return self.mia.last.macs.detach().to(self.device)
-        from miarobust.models.flops import VitDims, static_macs
-
-        return torch.full((b,), float(static_macs(VitDims.of(self.model))), device=self.device)
+        return torch.full((b,), float(self.static_macs), device=self.device)
 
     def run_batch(self, b: int) -> pd.DataFrame:
         """Per-sample records of batch b (the threat model is checked before anything counts)."""
@@ -382,7 +402,7 @@ def batches_todo(folder: Path, num_batches: int, rank: int = 0, world: int = 1) 
     return (b for b in range(rank, num_batches, world) if partial_name(b) not in done)
 
 
-def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1) -> RunResult:
+def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev: Evaluation | None = None) -> RunResult:
     """Evaluate and write the run folder cfg.out/<name>/ (resuming finished batches); returns the summary.
 
     Bad input writes nothing: the model, data and attacks are built before the folder is made, and a run
@@ -392,7 +412,7 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1) ->
     """
     from tqdm.auto import tqdm
 
-    ev = Evaluation(cfg)
+    ev = ev if ev is not None else Evaluation(cfg)
     folder = Path(cfg.out) / cfg.folder_name()
     started = time.time()
     created = missing_folders(folder)  # ours to remove on failure
@@ -402,7 +422,7 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1) ->
             try:
                 stack.enter_context(FolderLock(folder))
                 checkpoint = getattr(ev.model.model, "checkpoint", None)
-                weights = file_sha256(checkpoint) if checkpoint else None
+                weights = ev.weights_sha256 or (file_sha256(checkpoint) if checkpoint else None)
                 check_same_weights(folder, weights)
                 if (folder / SUMMARY).is_file() and (folder / SAMPLES).is_file():
                     state = "done"
@@ -426,12 +446,12 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1) ->
         if state == "done":
             log.info("%s is complete already: nothing to do", folder)
             if shown:
-                tqdm.write(f"already complete: {folder} (delete it, or pass another --out, to run again)")
+                tqdm.write(f"already complete: {folder} (delete it, or pass another --out, to run again)", file=sys.stderr)
             return RunResult(folder, json.loads((folder / SUMMARY).read_text()) if rank == 0 else {})
         todo = list(batches_todo(folder, ev.num_batches, rank, world))
         done = sum(1 for _ in (folder / PARTIAL).glob("batch_*.csv"))
         if shown and done:
-            tqdm.write(f"resuming {folder}: {done} of {ev.num_batches} batches done")
+            tqdm.write(f"resuming {folder}: {done} of {ev.num_batches} batches done", file=sys.stderr)
         bar = tqdm(todo, desc=f"{cfg.model} x {'+'.join(cfg.attacks)}", unit="batch", disable=not shown)
         error: Exception | None = None
         sums = {"clean": 0.0, "robust": 0.0, "n": 0}  # running accuracy over this process's batches
@@ -528,11 +548,9 @@ def finish(cfg: RunConfig, ev: Evaluation, folder: Path, seconds: float) -> dict
     extra: dict[str, Any] = {"gate_mode": ev.mia.gate_mode.value if ev.mia else None, "wall_seconds": seconds,
                              "folder": folder.name}
     summary = summarize(cfg, samples, ev.attacks, ev.draws, extra)
-    from miarobust.models.flops import VitDims, static_macs
-
     # what the backbone costs with every gate open, rounded as samples.csv stores per-image GMACs (so that
     # full gates give a share of exactly 1)
-    static = float(CSV_FLOAT % (static_macs(VitDims.of(ev.model)) / 1e9))
+    static = float(CSV_FLOAT % (ev.static_macs / 1e9))
     summary["gmacs"]["static"] = static
     summary["gmacs"]["clean_share_of_static"] = summary["gmacs"]["clean_mean"] / static
     summary["gmacs"]["adv_share_of_static"] = {a: v / static for a, v in summary["gmacs"]["adv_mean"].items()}
