@@ -105,6 +105,26 @@ def compare(a: pd.DataFrame, b: pd.DataFrame) -> tuple[int, float, float, str, f
     return len(both), ra.mean(), rb.mean(), f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]", p
 
 
+def print_preset_runs(out: Path) -> None:
+    """The preset's own runs: each attack's robust accuracy, the run's worst case and its sanity checks."""
+    found = sorted(out.glob("*/summary.json")) if out.is_dir() else []
+    if not found:
+        return
+    print(f"\nThe preset's runs in {out} (robust %, 95% interval; each image robust only if it survives every attack), "
+          "with the sanity checks:\n")
+    print("| model, weights, gates | eps | n | clean % | per attack | worst case | checks |")
+    print("|---|---|---|---|---|---|---|")
+    for path in found:
+        s, c = json.loads(path.read_text()), json.loads((path.parent / "config.json").read_text())
+        weights = Path(c.get("checkpoint") or "-").name.removesuffix(".safetensors")
+        parts = ", ".join(f"{a} {100 * v['acc']:.1f}" + (f" (EOT {v['eot']})" if v.get("eot", 1) > 1 else "")
+                          for a, v in s["attacks"].items())
+        checks = "; ".join(f"{k} {v['status']}" for k, v in s.get("checks", {}).items() if v["status"] != "skip")
+        r = s["robust"]
+        print(f"| {s['model']}, {weights}, {s.get('gate_mode') or 'static'} | {s['eps_text']} | {s['n']} | "
+              f"{100 * s['clean']['acc']:.1f} | {parts} | {pct(r['acc'], s['n'])} | {checks} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--eps", default="8/255", help="comma-separated, e.g. 1/255,2/255,4/255,8/255")
@@ -150,6 +170,7 @@ def main() -> None:
             clean = f"{100 * h.clean_correct.mean():.1f}"
             runs.add(len(json.loads((folder / "config.json").read_text())["combines"]))
         print(f"| {name} | {clean} | " + " | ".join(cells) + f" | {'/'.join(map(str, sorted(runs))) or '-'} |")
+    print_preset_runs(Path(args.out))
     rows = [(a, b, eps, *compare(table[a][eps], table[b][eps]))
             for a, b in PAIRS for eps in eps_list if eps in table.get(a, {}) and eps in table.get(b, {})]
     adjusted = holm([r[-1] for r in rows])

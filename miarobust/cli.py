@@ -83,6 +83,8 @@ def model_option(default: str | None) -> Any:
 @click.option("--gate-mode", default=None, help="MIA-Former gates: full, deterministic (default) or stochastic.")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size (default: the model's).")
 @click.option("--img-size", type=click.IntRange(min=8), default=None, help="Input size (default: the model's).")
+@click.option("--model-kwargs", default="", help="More timm model arguments, e.g. in_chans=1,patch_size=4,img_size=28 "
+              "(a checkpoint's own shapes set these where it says).")
 @click.option("--data", default="embedded", show_default=True, help="embedded, fashion-mnist, cifar10, imagenet, folder, synthetic.")
 @click.option("--data-root", default=None, help="Folder of the data set (fashion-mnist defaults to Debian's files).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
@@ -151,6 +153,10 @@ def make_run_config(kw: dict[str, Any]) -> Any:
     twice = sorted({a for a in attacks if attacks.count(a) > 1})
     if twice:
         raise UserError(f"--attack names {', '.join(twice)} twice: name each attack once.")
+    from miarobust.models.registry import parse_model_kwargs
+
+    parsed = parse_model_kwargs(kw.pop("model_kwargs"))
+    kw["model_kwargs"] = ",".join(f"{k}={v}" for k, v in sorted(parsed.items()))  # one spelling, one folder
     return RunConfig(eps=eps, eps_text=eps_text, alpha=alpha[0] if alpha else None, attacks=attacks, **kw)
 
 

@@ -280,6 +280,9 @@ def synthetic(root: str | None, split: str, geometry: Geometry) -> Synthetic:
     return Synthetic(geometry, seed=0 if split == "test" else 1)
 
 
+#: Data sets whose labels are a fixed list of classes: a model must output exactly that many to be scored on them.
+FIXED_LABELS = ("embedded", "fashion-mnist", "cifar10", "imagenet")
+
 DATASETS: dict[str, Callable[[str | None, str, Geometry], Dataset]] = {
     "embedded": embedded,
     "fashion-mnist": fashion_mnist,

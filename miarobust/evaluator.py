@@ -32,8 +32,9 @@ from torch.utils.data import Dataset
 
 from miarobust.attacks import PRESETS, AttackConfig, AttackInfo, Victim, attack_salt, build_attack, expand, get_attack
 from miarobust.attacks.threat import ThreatModel
+from miarobust.data import FIXED_LABELS
 from miarobust.errors import UserError
-from miarobust.models.registry import file_sha256
+from miarobust.models.registry import file_sha256, parse_model_kwargs
 from miarobust.results import (
     CONFIG,
     CSV_FLOAT,
@@ -60,6 +61,7 @@ class RunConfig:
     gate_mode: str | None = None
     num_classes: int | None = None
     img_size: int | None = None
+    model_kwargs: str = ""  # more timm model arguments, "in_chans=1,patch_size=4" (parse_model_kwargs)
     data: str = "embedded"
     data_root: str | None = None
     split: str = "test"
@@ -92,6 +94,8 @@ class RunConfig:
         d = asdict(self)
         for k in ("out", "checks", "eot_chunk", "device"):
             d.pop(k)
+        if not d["model_kwargs"]:  # absent from the identity unless given: folders made before it keep their names
+            d.pop("model_kwargs")
         return d
 
     def folder_name(self) -> str:
@@ -169,7 +173,8 @@ class Evaluation:
                 get_attack(a, acfg)
         torch.manual_seed(cfg.seed)  # weights a checkpoint lacks (a controller, a model without shipped weights)
         if module is None:
-            backbone = create(cfg.model, checkpoint=cfg.checkpoint, num_classes=cfg.num_classes, img_size=cfg.img_size)
+            backbone = create(cfg.model, checkpoint=cfg.checkpoint, num_classes=cfg.num_classes, img_size=cfg.img_size,
+                              **parse_model_kwargs(cfg.model_kwargs))
         else:
             backbone = module
             if input_size is None and "input_size" not in (getattr(module, "pretrained_cfg", None) or {}):
@@ -205,6 +210,10 @@ class Evaluation:
             with torch.no_grad():
                 out_dim = int(self.model(torch.zeros(1, c, h, w, device=self.device)).shape[-1])
         self.num_classes = out_dim
+        if classes is not None and classes != out_dim and cfg.data in FIXED_LABELS:
+            raise UserError(f"{cfg.model} outputs {out_dim} classes but {cfg.data} has {classes}: its weights were trained "
+                            f"for other labels, so every answer would be scored against the wrong ones. Evaluate it on "
+                            f"its own data, or load weights trained on {cfg.data}.")
         if classes is not None and classes > out_dim:
             raise UserError(f"{cfg.data} has {classes} classes but {cfg.model} outputs {out_dim}: pass --num-classes {classes}.")
         self.n = len(self.dataset) if cfg.n is None else cfg.n

@@ -73,8 +73,9 @@ def test_checkpoint_for_another_class_count_is_a_user_error(tmp_path) -> None:
     model = create("vit_fmnist", pretrained=False, num_classes=5)
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    assert create("vit_fmnist", checkpoint=path).num_classes == 5  # the checkpoint's head sets the class count
     with pytest.raises(UserError, match="class count"):
-        create("vit_fmnist", checkpoint=path)
+        create("vit_fmnist", checkpoint=path, num_classes=10)  # unless it is asked for another one
 
 
 def test_shipped_checkpoints_load_with_safetensors() -> None:

@@ -487,7 +487,9 @@ class MIAFormer(_Uncopied, VisionTransformer):
     def _masked(self) -> bool:
         if self.execution != "auto":
             return self.execution == "masked"
-        return self.training or self.straight_through or self.gate_mode is GateMode.GUMBEL
+        # straight-through gates matter only where a gradient is taken: a forward without autograd (an attack's
+        # success check, Square's queries) runs the same hard gates on the faster sliced path
+        return self.training or (self.straight_through and torch.is_grad_enabled()) or self.gate_mode is GateMode.GUMBEL
 
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """Patch embedding, gated blocks, final norm; records the decisions in `self.last`."""

@@ -6,6 +6,7 @@ Loading never executes code: safetensors, or `torch.load(weights_only=True)` for
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import re
@@ -86,15 +87,69 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             first = f"it refers to {found.group(1)}" if found else "it holds objects other than tensors"
         raise UserError(
             f"checkpoint {path} cannot be read safely ({first}): it is truncated, corrupt, or a pickle that "
-            "carries code. Use a .safetensors file or a plain state dict saved with torch.save."
+            "carries code (a whole model saved with torch.save(model)?). Use a .safetensors file, or save the "
+            "state dict: torch.save(model.state_dict(), path)."
         ) from e
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
             break
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"checkpoint {path} holds no state dict of tensors: save the model's state_dict().")
+        raise UserError(f"checkpoint {path} holds no state dict of tensors: save the model's state dict, "
+                        "torch.save(model.state_dict(), path).")
     return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+#: timm's pretrained DeiT of each short name: where a user gets weights for it.
+TIMM_NAMES = {"deit_t": "deit_tiny_patch16_224", "deit_s": "deit_small_patch16_224", "deit_b": "deit_base_patch16_224"}
+
+
+def how_to_get(name: str) -> str:
+    """One sentence on getting weights for model `name` (timm's, for the DeiTs)."""
+    base = name.removeprefix("mia_")
+    if base in TIMM_NAMES:
+        return (f"timm's {TIMM_NAMES[base]} weights fit: on a machine with internet, python -c \"import timm, torch; "
+                f"torch.save(timm.create_model('{TIMM_NAMES[base]}', pretrained=True).state_dict(), '{base}.pth')\", "
+                f"then --checkpoint {base}.pth")
+    return f"train it with `miarobust train --model {name}`, or pass a timm-format state dict of it"
+
+
+def parse_model_kwargs(text: str) -> dict[str, Any]:
+    """timm model arguments from "in_chans=1,patch_size=4,img_size=28": ints, floats, true/false, else text."""
+    out: dict[str, Any] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, eq, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key.isidentifier() or not value:
+            raise UserError(f"--model-kwargs '{part}' is not NAME=VALUE: write e.g. in_chans=1,patch_size=4,img_size=28.")
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
+def infer_arch(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The ViT arguments a state dict fixes: in_chans and patch_size (patch_embed.proj.weight (E, C, p, p)),
+    img_size (pos_embed's patch tokens, a square grid), num_classes (head.weight); {} for what it lacks."""
+    arch: dict[str, Any] = {}
+    proj = sd.get("patch_embed.proj.weight")
+    if proj is not None and proj.dim() == 4 and proj.shape[-1] == proj.shape[-2]:
+        arch["in_chans"], arch["patch_size"] = int(proj.shape[1]), int(proj.shape[-1])
+        pos = sd.get("pos_embed")
+        if pos is not None and pos.dim() == 3:
+            prefix = int("cls_token" in sd) + int("dist_token" in sd)
+            grid = math.isqrt(max(pos.shape[1] - prefix, 0))
+            if grid and grid * grid == pos.shape[1] - prefix:
+                arch["img_size"] = grid * arch["patch_size"]
+    head = sd.get("head.weight")
+    if head is not None and head.dim() == 2:
+        arch["num_classes"] = int(head.shape[0])
+    return arch
 
 
 def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> list[str]:
@@ -131,12 +186,16 @@ def create(
     """Model `name` in eval mode with weights from `checkpoint` (a file or a shipped name), else its shipped weights
     (a UserError if it has none; `pretrained=False` builds it with random weights instead).
 
-    kwargs go to timm (num_classes, img_size, gate_mode, ...); None values keep the model's defaults.
+    kwargs go to timm (num_classes, img_size, in_chans, patch_size, gate_mode, ...); None values keep the model's
+    defaults. A checkpoint file's own shapes set in_chans, patch_size, img_size and num_classes where kwargs do
+    not (infer_arch): a 1-channel 28x28 patch-4 DeiT-T state dict builds that model.
     """
     names = model_names()
     if name not in names:
         raise unknown_name("model", name, names)
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    source = resolve_checkpoint(checkpoint) if checkpoint else None
+    state = read_state_dict(source) if source else None
+    kwargs = {**(infer_arch(state) if state is not None else {}), **{k: v for k, v in kwargs.items() if v is not None}}
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
@@ -146,15 +205,17 @@ def create(
     if patch is not None and isinstance(size, int) and size % patch[0]:  # timm would silently drop the rest
         raise UserError(f"--img-size {size} is not a multiple of {name}'s patch size {patch[0]}: use e.g. "
                         f"{max(1, round(size / patch[0])) * patch[0]}.")
-    source = resolve_checkpoint(checkpoint) if checkpoint else _default_weights(model) if pretrained else None
-    if source is not None:
-        untrained = load_weights(model, read_state_dict(source), source)
+    if source is None and pretrained:
+        source = _default_weights(model)
+        state = read_state_dict(source) if source else None
+    if source is not None and state is not None:
+        untrained = load_weights(model, state, source)
         if untrained and pretrained:  # evaluating, not training from a static checkpoint
             logging.getLogger(__name__).warning(
                 "%s holds no controller weights (a static checkpoint?): %s runs with an untrained controller, every "
                 "gate open with p = 0.95", source, name)
     elif pretrained:  # numbers from random weights mean nothing: say what to pass instead of making them
-        raise UserError(f"{name} has no shipped weights and none were given: pass a timm-format checkpoint file of "
-                        f"it (.pth or .safetensors), e.g. --checkpoint {name.removeprefix('mia_')}.pth.")
+        raise UserError(f"{name} has no shipped weights and none were given: pass a checkpoint of it (.pth or "
+                        f".safetensors); {how_to_get(name)}.")
     model.checkpoint = source  # recorded in config.json
     return model.eval()

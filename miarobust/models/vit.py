@@ -69,6 +69,10 @@ def create_vit(cls: type, variant: str, cfg: PretrainedCfg, pretrained: bool, **
         size = kwargs["img_size"]
         h, w = (size, size) if isinstance(size, int) else size
         overlay = {"input_size": (kwargs.get("in_chans", cfg.input_size[0]), h, w), **overlay}
+    chans = kwargs.get("in_chans", cfg.input_size[0])
+    if len(cfg.mean) != chans:  # e.g. a grey DeiT: the mean of the RGB statistics on every channel
+        overlay = {"mean": (sum(cfg.mean) / len(cfg.mean),) * chans, "std": (sum(cfg.std) / len(cfg.std),) * chans,
+                   **overlay}
     cfg = replace(cfg, **overlay)
     return build_model_with_cfg(
         cls, variant, pretrained, pretrained_cfg=cfg,
