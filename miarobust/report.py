@@ -475,37 +475,43 @@ def _attack_series(df: pd.DataFrame) -> pd.Series:
     return df["attack"].where(~several, df["attack"] + " K=" + eot.fillna(1).astype(int).astype(str))
 
 
-def plot_robust_vs_eps(table: pd.DataFrame) -> Any:
-    """Accuracy vs eps, one line per model x gate mode x attack (x EOT K where several; clean at eps 0)."""
-    panels = sorted({(d, n) for d, n in zip(table["data"], table["norm"])})
-    fig, axes = _figure(max(1, len(panels)), size=(10.0, 4.8))
-    colors = _series_colors([f"{m} ({g})" for m, g in zip(table["model"], table["gate_mode"])])
+def plot_robust_vs_eps(table: pd.DataFrame, columns: int = 3) -> Any:
+    """Accuracy vs eps, one panel per data set x norm x model x gate mode (weights included where a model ran with
+    several), one line per attack (x EOT K where several; clean at eps 0): readable with many runs."""
+    panels = sorted({(d, n, m, g) for d, n, m, g in zip(table["data"], table["norm"], table["model"], table["gate_mode"])})
+    cols = max(1, min(columns, len(panels)))
+    rows = max(1, -(-len(panels) // cols))
+    fig, axes = _figure(cols, rows, size=(5.6, 4.0))
     attacks = sorted(set(table["attack"]))
+    table = table.assign(series=_attack_series(table))
+    colors = _series_colors(sorted(set(table["series"])))
     markers = dict(zip(attacks, "osD^v<>pP*Xh" * 3))
-    styles = dict(zip(attacks, ["-", "--", "-.", ":"] * 8))
-    for ax, (data, norm) in zip(axes, panels):
+    for ax, (data, norm, model, gate) in zip(axes, panels):
         scale, xlabel = _eps_axis(norm)
-        df = table[(table["data"] == data) & (table["norm"] == norm)].copy()
-        df["series"] = _attack_series(df)
+        df = table[(table["data"] == data) & (table["norm"] == norm) & (table["model"] == model)
+                   & (table["gate_mode"] == gate)]
         # one point per series and eps: the run with the most samples
-        df = df.sort_values("n", kind="stable").drop_duplicates(["model", "gate_mode", "series", "eps"], keep="last")
-        groups = list(df.groupby(["model", "gate_mode", "series", "attack"]))
-        width = 0.012 * float(df["eps"].max() * scale)
-        for i, ((model, gate, series, attack), g) in enumerate(groups):
+        df = df.sort_values("n", kind="stable").drop_duplicates(["series", "eps"], keep="last")
+        groups = list(df.groupby(["series", "attack"]))
+        width = 0.008 * float(df["eps"].max() * scale)
+        for i, ((series, attack), g) in enumerate(groups):
             g = g.sort_values("eps")
             best_clean = g.loc[g["n"].idxmax()]
             xs = [x + _dodge(i, len(groups), width) for x in [0.0, *(g["eps"] * scale)]]
             acc = [best_clean["clean_acc"], *g["robust_acc"]]
             yerr = _yerr(acc, [best_clean["clean_ci_lo"], *g["ci_lo"]], [best_clean["clean_ci_hi"], *g["ci_hi"]])
-            ax.errorbar(xs, [100 * a for a in acc], yerr=yerr, color=colors[f"{model} ({gate})"], marker=markers[attack],
-                        ls=styles[attack], capsize=3, ms=5, label=f"{model} ({gate}), {series}")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("accuracy (%), 95% interval")
+            ax.errorbar(xs, [100 * a for a in acc], yerr=yerr, color=colors[series], marker=markers[attack],
+                        capsize=3, ms=5, label=series)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel("accuracy (%), 95% interval", fontsize=8)
         ax.set_ylim(-3, 103)
-        ax.set_title(f"Accuracy vs ε: {data}, {norm} (ε = 0: clean)")
+        ax.set_title(f"{model} ({gate}): {data}, {norm}", fontsize=9)
         ax.grid(alpha=0.3)
-        _legend_right(ax)
+        ax.legend(fontsize=7, loc="upper right")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     if not panels:
+        axes[0].set_visible(True)
         _no_data(axes[0], "no run")
     return fig
 

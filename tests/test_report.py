@@ -178,10 +178,13 @@ def test_eps_plot_draws_each_eot_k_as_its_own_line() -> None:
                              attack="eot-pgd", eot=k, n=100, robust_acc=acc, ci_lo=acc - 0.05, ci_hi=acc + 0.05,
                              clean_acc=0.9, clean_ci_lo=0.85, clean_ci_hi=0.95))
     rows.append({**rows[0], "attack": "pgd", "eot": 1})
+    rows.append({**rows[0], "model": "vit_fmnist", "gate_mode": "static", "attack": "pgd", "eot": 1})
     fig = plot_robust_vs_eps(pd.DataFrame(rows))
-    labels = sorted(label for ax in fig.axes for label in ax.get_legend_handles_labels()[1])
-    assert labels == ["mia_vit_fmnist (stochastic), eot-pgd K=1", "mia_vit_fmnist (stochastic), eot-pgd K=4",
-                      "mia_vit_fmnist (stochastic), pgd"]
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == ["mia_vit_fmnist (stochastic): embedded, Linf",
+                                                "vit_fmnist (static): embedded, Linf"]  # a panel per model x gates
+    assert sorted(shown[0].get_legend_handles_labels()[1]) == ["eot-pgd K=1", "eot-pgd K=4", "pgd"]
+    assert shown[1].get_legend_handles_labels()[1] == ["pgd"]
 
 
 @pytest.mark.parametrize("tamper", ["acc-as-text", "eps-as-text", "n-as-bool"])
