@@ -226,7 +226,7 @@ class Evaluation:
         self.acfg = acfg
         if self.victim.stochastic and cfg.eot is None and "adaptive" in cfg.attacks:
             self.acfg = replace(acfg, eot=self.preset_eot())
-        self.attack_fns = [build_attack(info, self.victim, acfg) for info in self.attacks]
+        self.attack_fns = [build_attack(info, self.victim, self.acfg) for info in self.attacks]
         self.num_batches = (self.n + cfg.batch_size - 1) // cfg.batch_size
         # per batch, the warnings of AutoAttack's own checks by attack (kept in partial/ beside the batch's
         # records, so a resumed or distributed run judges every batch, not just this process's)
@@ -322,10 +322,12 @@ class Evaluation:
         return pd.DataFrame(rec)
 
 
-def summarize(cfg: RunConfig, samples: pd.DataFrame, attacks: list[AttackInfo], draws: int, extra: dict[str, Any]) -> dict[str, Any]:
-    """summary.json from samples.csv: every number here is recomputable from the per-sample records."""
+def summarize(cfg: RunConfig, samples: pd.DataFrame, attacks: list[AttackInfo], draws: int, extra: dict[str, Any],
+              acfg: AttackConfig | None = None) -> dict[str, Any]:
+    """summary.json from samples.csv: every number here is recomputable from the per-sample records. `acfg`: the
+    attacks' resolved settings (the adaptive preset's EOT K), by default the config's."""
     n = len(samples)
-    acfg = cfg.attack_config()
+    acfg = acfg or cfg.attack_config()
 
     def prop(col: str) -> dict[str, Any]:
         s = float(samples[col].sum())
@@ -556,7 +558,7 @@ def finish(cfg: RunConfig, ev: Evaluation, folder: Path, seconds: float) -> dict
     samples = pd.read_csv(folder / SAMPLES)  # summarise what is on disk, so summary == f(samples.csv)
     extra: dict[str, Any] = {"gate_mode": ev.mia.gate_mode.value if ev.mia else None, "wall_seconds": seconds,
                              "folder": folder.name}
-    summary = summarize(cfg, samples, ev.attacks, ev.draws, extra)
+    summary = summarize(cfg, samples, ev.attacks, ev.draws, extra, ev.acfg)
     # what the backbone costs with every gate open, rounded as samples.csv stores per-image GMACs (so that
     # full gates give a share of exactly 1)
     static = float(CSV_FLOAT % (ev.static_macs / 1e9))

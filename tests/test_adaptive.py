@@ -253,3 +253,26 @@ def test_adaptive_preset_probes_eot_once_and_records_it(tmp_path, monkeypatch: p
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"resolved_eot": 16}))
     assert _read_config(folder)["resolved_eot"] == 16 and ev.preset_eot() == 16 and calls == [4, 8]
+
+
+def test_adaptive_preset_builds_every_attack_with_the_probed_eot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On stochastic gates every attack of the preset runs through EOT with the K the probe chose, and the
+    summary labels them adaptive with that K (not the attacks' own default of 1)."""
+    import pandas as pd
+
+    from miarobust import evaluator
+    from miarobust.evaluator import Evaluation, RunConfig, summarize
+
+    built = []
+    real = evaluator.build_attack
+    monkeypatch.setattr(evaluator, "build_attack", lambda info, victim, cfg: built.append((info.name, cfg.eot)) or real(info, victim, cfg))
+    monkeypatch.setattr(Evaluation, "preset_eot", lambda self, **kw: 8)
+    ev = Evaluation(RunConfig(model="mia_vit_fmnist", gate_mode="stochastic", attacks=("adaptive",), n=2, batch_size=2))
+    assert built == [("autoattack", 8), ("autoattack-st", 8), ("bpda-pgd", 8)] and ev.acfg.eot == 8
+    samples = pd.DataFrame({"index": [0, 1], "clean_correct": [1.0, 1.0], "robust": [0.5, 0.0], "clean_gmacs": [1.0, 1.0],
+                            **{f"{a}_{k}": [0.5, 0.0] for a in ("autoattack", "autoattack-st", "bpda-pgd")
+                               for k in ("correct", "gmacs", "dist")}})
+    summary = summarize(ev.cfg, samples, ev.attacks, 10, {}, ev.acfg)
+    assert {a: (v["eot"], v["label"]) for a, v in summary["attacks"].items()} == {
+        "autoattack": (8, "adaptive"), "autoattack-st": (8, "adaptive, straight-through gates"),
+        "bpda-pgd": (8, "adaptive, straight-through gates")}
