@@ -1,8 +1,10 @@
 """Attack registry: name -> factory. Every attack works in [0, 1] pixel space on a `Victim`.
 
 Underneath: torchattacks (FGSM, PGD, PGDL2, CW) and pyautoattack, the packaged reference AutoAttack of
-Croce & Hein (2020): APGD-CE, APGD-DLR, Square, standard AutoAttack and its `rand` version with EOT.
-miarobust adds EOT through the gates (eot.py), straight-through gates (adaptive.py), transfer from a
+Croce & Hein (2020): APGD-CE, APGD-DLR, APGD-T, Square, standard AutoAttack and its `rand` version with EOT.
+miarobust adds EOT through the gates (eot.py), a straight-through variant NAME-st of every gradient attack
+(hard gates forward, their probabilities' gradient backward: BPDA, Athalye et al. 2018), the best candidate
+per image against stochastic gates (candidates.py), the `adaptive` preset (`expand`), transfer from a
 surrogate, PGD on the CW margin and the slowdown attack (slowdown.py).
 """
 
