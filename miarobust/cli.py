@@ -113,7 +113,7 @@ def model_option(default: str | None) -> Any:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--checks", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Sanity checks of the evaluation (auto: all on small runs, a cheap subset otherwise).")
-@click.option("--out", default="results", show_default=True, help="Folder that receives the run folder.")
+@click.option("--out", default="runs", show_default=True, help="Folder that receives the run folder (runs/ is git-ignored; results/ holds the repository's committed runs).")
 def run_cmd(**kw: Any) -> None:
     """Evaluate a model under attack; writes config.json, samples.csv, summary.json."""
     from miarobust.distributed import distributed_context

@@ -82,7 +82,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     checks: str = "auto"
-    out: str = "results"
+    out: str = "runs"  # not results/: the repository keeps its committed runs there
 
     def attack_config(self) -> AttackConfig:
         return AttackConfig(norm=self.norm, eps=self.eps, steps=self.steps, alpha=self.alpha, restarts=self.restarts,
