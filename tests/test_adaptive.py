@@ -100,6 +100,12 @@ class NineOfTen(Planted):
         return (g * bad.softmax(1) + (1 - g) * s.softmax(1)).log()  # the gate mixes probabilities, not logits
 
 
+def setup(model: Planted) -> tuple[Victim, torch.Tensor, torch.Tensor]:
+    """A seeded victim of the planted model (its own gates) and the ten clean images with labels."""
+    torch.manual_seed(0)
+    return Victim(model, model), *data()
+
+
 def correct_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int = 1) -> torch.Tensor:
     """Per image, the share of `draws` forwards that classify it right."""
     with torch.no_grad():
@@ -114,10 +120,8 @@ def test_planted_models_are_right_on_clean_images() -> None:
 
 @pytest.mark.slow
 def test_straight_through_autoattack_finds_what_gates_hide() -> None:
-    torch.manual_seed(0)
     model = MaskedGate()
-    victim = Victim(model, model)
-    x, y = data()
+    victim, x, y = setup(model)
     cfg = AttackConfig(eps=EPS, queries=300)
     plain = build_attack(get_attack("autoattack", cfg), victim, cfg)(x, y)
     assert correct_rate(model, plain, y).mean() == 1.0  # masked: AutoAttack, Square included, finds nothing
@@ -128,10 +132,8 @@ def test_straight_through_autoattack_finds_what_gates_hide() -> None:
 
 @pytest.mark.slow
 def test_eot_candidate_fooling_9_of_10_draws_scores_near_0_1() -> None:
-    torch.manual_seed(0)
     model = NineOfTen()
-    victim = Victim(model, model)
-    x, y = data()
+    victim, x, y = setup(model)
     cfg = AttackConfig(eps=EPS, eot=10, select_draws=20)
     info = get_attack("apgd-ce-st", cfg)
     # pyautoattack alone: the mean over 10 draws never looks fooled, so the clean image comes back
@@ -146,10 +148,8 @@ def test_eot_candidate_fooling_9_of_10_draws_scores_near_0_1() -> None:
 
 def test_keeping_the_best_never_returns_a_worse_image_than_the_attack() -> None:
     """A stochastic victim's attack returns its own output wherever no queried candidate did better."""
-    torch.manual_seed(0)
     model = NineOfTen()
-    victim = Victim(model, model)
-    x, y = data()
+    victim, x, y = setup(model)
     cfg = AttackConfig(eps=EPS, select_draws=4)
     out = build_attack(get_attack("none", cfg), victim, cfg)(x, y)  # keeps_best False: the identity
     assert torch.equal(out, x)
