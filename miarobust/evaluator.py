@@ -18,7 +18,6 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ from miarobust.results import (
     PARTIAL,
     SAMPLES,
     SUMMARY,
+    git_revision,
     missing_folders,
     remove_folders,
     run_id,
@@ -141,11 +141,7 @@ def environment() -> dict[str, Any]:
         versions["pyautoattack"] = version("pyautoattack")
     except Exception:  # noqa: BLE001
         versions["pyautoattack"] = None
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        rev = None
+    rev = git_revision()
     return {"versions": versions, "git_revision": rev, "machine": platform.machine(), "threads": torch.get_num_threads()}
 
 

@@ -82,6 +82,17 @@ def write_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> None:
     write_text(path, frame.to_csv(index=False, float_format=CSV_FLOAT, lineterminator="\n"))
 
 
+def git_revision() -> str | None:
+    """The git revision of the installed package's checkout, for config.json (None outside a checkout)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def run_id(config: dict[str, Any]) -> str:
     """A short, stable name for a run from the arguments that determine its numbers."""
     blob = json.dumps(config, sort_keys=True, default=str).encode()

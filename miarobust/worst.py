@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import platform
-import subprocess
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import pandas as pd
 
 from miarobust.errors import UserError
 from miarobust.report import Run, find_run_folders, load_runs
-from miarobust.results import CONFIG, SAMPLES, SUMMARY, run_id, write_csv, write_json
+from miarobust.results import CONFIG, SAMPLES, SUMMARY, git_revision, run_id, write_csv, write_json
 from miarobust.stats import wilson
 
 log = logging.getLogger(__name__)
@@ -79,13 +78,8 @@ def environment() -> dict[str, Any]:
     """Versions, git revision and machine for config.json (no torch: combining runs computes nothing on it)."""
     import miarobust
 
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        rev = None
     return {"versions": {"python": platform.python_version(), "pandas": pd.__version__,
-                         "miarobust": miarobust.__version__}, "git_revision": rev, "machine": platform.machine()}
+                         "miarobust": miarobust.__version__}, "git_revision": git_revision(), "machine": platform.machine()}
 
 
 # -- reading and grouping -----------------------------------------------------------------------------------

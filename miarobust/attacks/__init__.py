@@ -160,9 +160,9 @@ class PositiveLogits(nn.Module):
     """`model`'s outputs shifted per row so that every entry is >= 1: the same argmax and margins.
 
     torchattacks' CW (3.5.1) reads the true-class and runner-up logits by multiplying with a one-hot mask
-    and taking a max, so a masked-out 0 wins over negative entries (Harry24k/adversarial-attacks-pytorch
-    issue 184, fix unmerged). With EOT the outputs are log-probabilities, all negative, and its margin
-    was 0 with no gradient: CW found nothing. The shift cancels in the margin and its gradient."""
+    and taking a max, so a masked-out 0 wins over negative entries (upstream Harry24k/adversarial-attacks-pytorch
+    #184, unmerged). EOT's outputs are log-probabilities, all negative, so unshifted CW would read a margin of 0
+    with no gradient and find nothing. The shift cancels in the margin and its gradient."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
