@@ -8,7 +8,7 @@ gates, embedded Fashion-MNIST images), for each shipped checkpoint and each `--c
 latency-aware one, `miarobust train --cost latency`); beside each, the time ratio that a latency table
 (models/latency.py) measured at the start of the part predicts from the same images' decisions, a check of
 the table that latency-aware training relies on. Static and MIA forwards are interleaved in one process and the
-median of each is compared, so machine drift cancels. Goal (issue 3): at batch 1, time ratio <= MACs
+median of each is compared, so machine drift cancels. Goal: at batch 1, time ratio <= MACs
 ratio + 0.10.
 
     python benchmarks/bench_latency.py [--reps 20] [--threads 2] [--part all|deit|fmnist] [--checkpoint PATH_OR_NAME ...]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA path end to end, and the GPU numbers of bench_attacks (issue 4), on a machine with a GPU.
+# The CUDA path end to end, and the GPU numbers of bench_attacks, on a machine with a GPU.
 #
 #   benchmarks/cuda_check.sh [WORK_DIR]     (python3 with miarobust and its dependencies importable; PYTHON= to pick another)
 #

@@ -1,4 +1,4 @@
-"""Does MIA-Former's robustness gain survive adaptive attacks? The grid of issue 4, as one markdown table.
+"""Does MIA-Former's robustness gain survive adaptive attacks? The robustness grid, as one markdown table.
 
 For each eps, `mia_vit_fmnist` in stochastic mode under non-adaptive PGD, EOT-PGD (K = 1, 4, 16),
 BPDA-PGD (straight-through gates, EOT 4), transfer from `vit_fmnist`, (at --aa-rand-n images) autoattack-rand and

@@ -1,6 +1,6 @@
 """Evaluation across processes with torch.distributed (torchrun): batches are sharded round-robin by rank.
 
-Batch b goes to rank b % world_size; each batch is seeded from (seed, b) alone (evaluator.batch_seed), so
+Batch b goes to rank b % world_size; each batch is seeded from (seed, b) alone (results.store.batch_seed), so
 the merged samples.csv equals a single-process run's. Rank 0 writes config.json, merges, and writes
 summary.json; other ranks write only their partial batch files. Rank 0 holds the run folder's lock and
 writes config.json before it tells the other ranks to start; a rank whose batches fail tells every rank.

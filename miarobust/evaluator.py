@@ -12,15 +12,11 @@ non-adaptive.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-import os
-import platform
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -40,14 +36,25 @@ from miarobust.results import (
     PARTIAL,
     SAMPLES,
     SUMMARY,
-    git_revision,
     missing_folders,
-    remove_folders,
     run_id,
     write_csv,
     write_json,
 )
-from miarobust.stats import wilson
+from miarobust.results.store import (
+    FolderLock,
+    batch_seed,
+    batches_done,
+    batches_todo,
+    check_same_weights,
+    is_complete,
+    merge_partials,
+    partial_name,
+    read_config,
+    remove_if_nothing_finished,
+    warnings_name,
+)
+from miarobust.results.summary import environment, summarize
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +106,12 @@ class RunConfig:
         return d
 
     def folder_name(self) -> str:
+        """model-data-attacks-norm-eps[-gate mode][-eotK]-hash: the gate mode and EOT K where asked for, and
+        the hash of the identity, which tells apart the runs that differ in anything else."""
         attacks = "+".join(self.attacks)
         eps = self.eps_text.replace("/", "_")
-        return f"{self.model}-{self.data}-{attacks}-{self.norm}-{eps}-{run_id(self.identity())}"
+        asked = [v for v in (self.gate_mode, None if self.eot is None else f"eot{self.eot}") if v]
+        return "-".join([self.model, self.data, attacks, self.norm, eps, *asked, run_id(self.identity())])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,30 +129,6 @@ def resolve_device(name: str) -> torch.device:
             raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices, "
                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
     return device
-
-
-def batch_seed(seed: int, batch: int) -> int:
-    """The seed of batch `batch`: independent of the batches before it."""
-    return (seed * 1_000_003 + batch * 7919 + 12345) % (2**63 - 1)
-
-
-def environment() -> dict[str, Any]:
-    """Package versions, git revision and machine, for config.json."""
-    import timm
-    import torchattacks
-
-    import miarobust
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-                "torchattacks": torchattacks.__version__, "miarobust": miarobust.__version__}
-    try:
-        from importlib.metadata import version
-
-        versions["pyautoattack"] = version("pyautoattack")
-    except Exception:  # noqa: BLE001
-        versions["pyautoattack"] = None
-    rev = git_revision()
-    return {"versions": versions, "git_revision": rev, "machine": platform.machine(), "threads": torch.get_num_threads()}
 
 
 class Evaluation:
@@ -239,7 +225,7 @@ class Evaluation:
         from miarobust.checks import rerun
         from miarobust.stats import paired_mean_diff
 
-        recorded = _read_config(Path(self.cfg.out) / self.cfg.folder_name()).get("resolved_eot")
+        recorded = read_config(Path(self.cfg.out) / self.cfg.folder_name()).get("resolved_eot")
         if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 1:
             return recorded
         m = min(self.n, images)
@@ -318,95 +304,10 @@ class Evaluation:
         return pd.DataFrame(rec)
 
 
-def summarize(cfg: RunConfig, samples: pd.DataFrame, attacks: list[AttackInfo], draws: int, extra: dict[str, Any],
-              acfg: AttackConfig | None = None) -> dict[str, Any]:
-    """summary.json from samples.csv: every number here is recomputable from the per-sample records. `acfg`: the
-    attacks' resolved settings (the adaptive preset's EOT K), by default the config's."""
-    n = len(samples)
-    acfg = acfg or cfg.attack_config()
-
-    def prop(col: str) -> dict[str, Any]:
-        s = float(samples[col].sum())
-        lo, hi = wilson(s, n)
-        return {"acc": s / n if n else 0.0, "ci95": [lo, hi], "n": n}
-
-    stochastic = draws > 1
-    per_attack = {}
-    for info in attacks:
-        if info.name == "none":
-            continue
-        a = info.name
-        entry = prop(f"{a}_correct")
-        entry.update({
-            "gmacs_mean": float(samples[f"{a}_gmacs"].mean()),
-            **{f"gmacs_p{q}": float(samples[f"{a}_gmacs"].quantile(q / 100)) for q in (5, 50, 95)},
-            "eot": info.draws(acfg, stochastic),
-            "adaptive": info.adaptive(acfg),
-            "gate_grad": info.gate_grad,
-            "label": (("adaptive" if info.adaptive(acfg) else "non-adaptive") if stochastic else "deterministic-model")
-            + (", straight-through gates" if info.straight_through else ""),
-            "max_dist": float(samples[f"{a}_dist"].max()) if n else 0.0,
-        })
-        per_attack[a] = entry
-    gm = samples["clean_gmacs"]
-    return {
-        "model": cfg.model, "data": cfg.data, "gate_mode": extra.get("gate_mode"), "n": n,
-        "norm": cfg.norm, "eps": cfg.eps, "eps_text": cfg.eps_text, "steps": cfg.steps,
-        "eval_samples": draws, "stochastic": stochastic,
-        "clean": prop("clean_correct"),
-        "attacks": per_attack,
-        "robust": prop("robust"),
-        "non_adaptive": stochastic and any(not v["adaptive"] for v in per_attack.values()),
-        "gmacs": {"clean_mean": float(gm.mean()), "clean_p5": float(gm.quantile(0.05)), "clean_p50": float(gm.quantile(0.5)),
-                  "clean_p95": float(gm.quantile(0.95)),
-                  "adv_mean": {a: v["gmacs_mean"] for a, v in per_attack.items()}},
-        **{k: v for k, v in extra.items() if k != "gate_mode"},
-    }
-
-
 @dataclass
 class RunResult:
     folder: Path
     summary: dict[str, Any]
-
-
-class FolderLock:
-    """An exclusive lock on a run folder: two processes never write the same run at once."""
-
-    def __init__(self, folder: Path):
-        self.path = folder / ".lock"
-
-    def __enter__(self) -> FolderLock:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        except OSError as e:
-            raise UserError(f"cannot write the run folder {self.path.parent} ({e.strerror}): pass --out with a "
-                            "writable folder.") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise UserError(f"another miarobust process is writing {self.path.parent}: wait for it to finish.") from None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
-
-
-def partial_name(b: int) -> str:
-    return f"batch_{b:06d}.csv"
-
-
-def warnings_name(b: int) -> str:
-    return f"batch_{b:06d}.warnings.json"
-
-
-def batches_todo(folder: Path, num_batches: int, rank: int = 0, world: int = 1) -> Iterator[int]:
-    """Batches of this rank (b % world == rank) not yet saved in folder/partial."""
-    done = {p.name for p in (folder / PARTIAL).glob("batch_*.csv")}
-    return (b for b in range(rank, num_batches, world) if partial_name(b) not in done)
 
 
 def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev: Evaluation | None = None) -> RunResult:
@@ -431,10 +332,12 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
                 checkpoint = getattr(ev.model.model, "checkpoint", None)
                 weights = ev.weights_sha256 or (file_sha256(checkpoint) if checkpoint else None)
                 check_same_weights(folder, weights)
-                if (folder / SUMMARY).is_file() and (folder / SAMPLES).is_file():
+                if is_complete(folder):
                     state = "done"
                 else:
+                    # the config as asked, except gate mode and checkpoint resolved; `requested` keeps those as asked
                     write_json(folder / CONFIG, {**asdict(cfg), "environment": environment(),
+                                                 "requested": {"gate_mode": cfg.gate_mode, "checkpoint": cfg.checkpoint},
                                                  "gate_mode": ev.mia.gate_mode.value if ev.mia else None,
                                                  "checkpoint": checkpoint, "weights_sha256": weights,
                                                  "resolved_attacks": [i.name for i in ev.attacks],
@@ -456,7 +359,7 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
                 tqdm.write(f"already complete: {folder} (delete it, or pass another --out, to run again)", file=sys.stderr)
             return RunResult(folder, json.loads((folder / SUMMARY).read_text()) if rank == 0 else {})
         todo = list(batches_todo(folder, ev.num_batches, rank, world))
-        done = sum(1 for _ in (folder / PARTIAL).glob("batch_*.csv"))
+        done = batches_done(folder)
         if shown and done:
             tqdm.write(f"resuming {folder}: {done} of {ev.num_batches} batches done", file=sys.stderr)
         bar = tqdm(todo, desc=f"{cfg.model} x {'+'.join(cfg.attacks)}", unit="batch", disable=not shown)
@@ -475,41 +378,20 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
             error = e
         except BaseException:  # interrupted: no collective, the other ranks are interrupted too
             if rank == 0:
-                _remove_if_nothing_finished(folder, created)
+                remove_if_nothing_finished(folder, created)
             raise
         finally:
             bar.close()
         failed = _gather_failures(error, world)
         if failed:
             if rank == 0:
-                _remove_if_nothing_finished(folder, created)
+                remove_if_nothing_finished(folder, created)
             if error is not None:
                 raise error
             raise UserError(f"rank {failed[0][0]} failed: {failed[0][1]}")
         if rank != 0:
             return RunResult(folder, {})
         return RunResult(folder, finish(cfg, ev, folder, time.time() - started))
-
-
-def _read_config(folder: Path) -> dict[str, Any]:
-    """config.json of a run folder, or {} when it is missing or unreadable."""
-    try:
-        got = json.loads((folder / CONFIG).read_text())
-    except (OSError, ValueError):
-        return {}
-    return got if isinstance(got, dict) else {}
-
-
-def check_same_weights(folder: Path, weights: str | None) -> None:
-    """Refuse to resume or reuse a run folder made with other weights than `weights` (SHA-256 of the file).
-
-    The folder name hashes the arguments, and `--checkpoint` unset means "the shipped weights", which a new
-    release may replace: without this check a resume would mix, or a rerun reuse, another model's results.
-    """
-    recorded = _read_config(folder).get("weights_sha256")  # an unreadable config.json is rewritten by this run
-    if recorded is not None and weights is not None and recorded != weights:
-        raise UserError(f"{folder} holds results of other weights (sha256 {recorded[:12]}..., these are "
-                        f"{weights[:12]}...): delete the folder or choose another --out.")
 
 
 def _broadcast(obj: Any) -> Any:
@@ -533,23 +415,10 @@ def _gather_failures(error: Exception | None, world: int) -> list[tuple[int, str
     return [(r, m) for r, m in enumerate(every) if m is not None]
 
 
-def _remove_if_nothing_finished(folder: Path, created: list[Path]) -> None:
-    """After a failure: remove the run folder and the parents this run created, unless a batch is saved."""
-    if folder not in created or any((folder / PARTIAL).glob("batch_*.csv")):
-        return
-    remove_folders(created)
-
-
 def finish(cfg: RunConfig, ev: Evaluation, folder: Path, seconds: float) -> dict[str, Any]:
     """Merge partial/ into samples.csv, run the checks, write summary.json, remove partial/."""
-    parts = sorted((folder / PARTIAL).glob("batch_*.csv"))
-    if len(parts) != ev.num_batches:
-        raise RuntimeError(f"{folder}: {len(parts)} of {ev.num_batches} batches present after the run")
-    samples = pd.concat([pd.read_csv(p) for p in parts], ignore_index=True)
-    for b in range(ev.num_batches):  # every batch's AutoAttack warnings, whichever process ran it
-        saved = folder / PARTIAL / warnings_name(b)
-        if saved.is_file():
-            ev.warnings[b] = json.loads(saved.read_text())
+    samples, saved = merge_partials(folder, ev.num_batches)
+    ev.warnings.update(saved)  # every batch's AutoAttack warnings, whichever process ran it
     write_csv(folder / SAMPLES, samples)
     samples = pd.read_csv(folder / SAMPLES)  # summarise what is on disk, so summary == f(samples.csv)
     extra: dict[str, Any] = {"gate_mode": ev.mia.gate_mode.value if ev.mia else None, "wall_seconds": seconds,

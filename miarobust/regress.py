@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from miarobust.errors import UserError
-from miarobust.report import Run, RunSkipped, find_run_folders, load_run, load_runs
+from miarobust.results.read import Run, RunSkipped, find_run_folders, load_run, load_runs
 from miarobust.stats import paired_drop_p, two_proportion_drop_p
 
 log = logging.getLogger(__name__)
@@ -64,12 +64,13 @@ def _is_a(value: Any, hint: Any) -> bool:
 
 
 def run_config(config: dict[str, Any], folder_name: str | None = None) -> Any:
-    """The RunConfig recorded in config.json, with the identity that produced `folder_name`.
+    """The RunConfig recorded in config.json, as it was asked for.
 
     config.json records the gate mode and checkpoint the run resolved (e.g. 'deterministic', the shipped
-    weights' path) while the folder name hashes what was asked for (None: the model's default, or a shipped
-    checkpoint's name); the candidate whose folder name matches is the config to re-run, so the re-run takes
-    the same defaults (the checkout's shipped weights, not a path recorded on another machine).
+    weights' path) and, under `requested`, what was asked for (None: the model's default, or a shipped
+    checkpoint's name), which the folder name hashes: the re-run takes the same defaults (the checkout's shipped
+    weights, not a path recorded on another machine). A config.json without `requested` is matched by folder
+    name: the candidate whose name is `folder_name`.
     """
     from miarobust.evaluator import RunConfig
 
@@ -86,6 +87,10 @@ def run_config(config: dict[str, Any], folder_name: str | None = None) -> Any:
         recorded = RunConfig(**kw)
     except TypeError as e:
         raise UserError(f"config.json of {folder_name} is not a run config ({e}): is it a `miarobust run` folder?") from e
+    asked = config.get("requested")
+    if (isinstance(asked, dict) and set(asked) == {"gate_mode", "checkpoint"}
+            and all(v is None or isinstance(v, str) for v in asked.values())):
+        return dataclasses.replace(recorded, **asked)
     if folder_name is None:
         return recorded
     shipped = Path(recorded.checkpoint).name.removesuffix(".safetensors") if recorded.checkpoint else None

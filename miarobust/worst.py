@@ -29,8 +29,8 @@ from typing import Any
 import pandas as pd
 
 from miarobust.errors import UserError
-from miarobust.report import Run, find_run_folders, load_runs
 from miarobust.results import CONFIG, SAMPLES, SUMMARY, git_revision, run_id, write_csv, write_json
+from miarobust.results.read import Run, find_run_folders, load_runs
 from miarobust.stats import wilson
 
 log = logging.getLogger(__name__)

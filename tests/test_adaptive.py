@@ -230,8 +230,9 @@ def test_adaptive_preset_probes_eot_once_and_records_it(tmp_path, monkeypatch: p
     """On stochastic gates the preset's K comes from the probe, which config.json then answers for a resumed run."""
     import json
 
-    from miarobust.evaluator import Evaluation, RunConfig, _read_config
+    from miarobust.evaluator import Evaluation, RunConfig
     from miarobust.models.normalize import Normalized
+    from miarobust.results.store import read_config
 
     model = NineOfTen()
     x, y = data()
@@ -252,7 +253,7 @@ def test_adaptive_preset_probes_eot_once_and_records_it(tmp_path, monkeypatch: p
     folder = tmp_path / ev.cfg.folder_name()
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"resolved_eot": 16}))
-    assert _read_config(folder)["resolved_eot"] == 16 and ev.preset_eot() == 16 and calls == [4, 8]
+    assert read_config(folder)["resolved_eot"] == 16 and ev.preset_eot() == 16 and calls == [4, 8]
 
 
 def test_adaptive_preset_builds_every_attack_with_the_probed_eot(monkeypatch: pytest.MonkeyPatch) -> None:

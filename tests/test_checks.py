@@ -1,4 +1,4 @@
-"""miarobust/checks.py: each sanity check passes on a sound setup and flags a planted failure.
+"""miarobust.checks: each sanity check passes on a sound setup and flags a planted failure.
 
 The planted models are tiny and analytic (no training): `Regions` classifies 28x28 grey images by the
 nearest class template over 16 region means (7x7 pixels each). It is right on its data, its margin is
@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from miarobust import checks
+from miarobust.checks import reruns
 from miarobust.attacks import ATTACKS, AttackConfig, Victim, build_attack, get_attack
-from miarobust.evaluator import Evaluation, RunConfig, summarize
+from miarobust.evaluator import Evaluation, RunConfig
 from miarobust.models.gates import GateMode
 from miarobust.models.normalize import Normalized
 from miarobust.results import CSV_FLOAT
+from miarobust.results.summary import summarize
 from miarobust.stats import mcnemar_power, wilson
 
 SQUARE = dict(checks.SQUARE)  # the shipped budgets (the fixture `small_square` lowers them for the other tests)
@@ -275,11 +277,11 @@ def test_square_is_compared_with_white_box_attacks_only(templates: torch.Tensor,
     assert not ATTACKS["square"].white_box
     broken = pd.DataFrame({"index": range(8), "clean_correct": 1.0, "autoattack_correct": 0.0})  # by its Square
     reference = ["apgd-ce", "apgd-t"]
-    assert checks.reference_attacks(planted(Regions(templates), "autoattack", eps=0.3, n=8)) == reference
-    assert checks.reference_attacks(planted(Regions(templates), "square", eps=0.3, n=8)) == reference
-    assert checks.reference_attacks(planted(Regions(templates), "pgd,square", eps=0.3, n=8)) == []
+    assert reruns.reference_attacks(planted(Regions(templates), "autoattack", eps=0.3, n=8)) == reference
+    assert reruns.reference_attacks(planted(Regions(templates), "square", eps=0.3, n=8)) == reference
+    assert reruns.reference_attacks(planted(Regions(templates), "pgd,square", eps=0.3, n=8)) == []
     gated = SimpleNamespace(attacks=[get_attack(a, AttackConfig()) for a in ("autoattack", "autoattack-st", "bpda-pgd")])
-    assert checks.reference_attacks(gated) == ["apgd-ce", "apgd-t", "apgd-ce-st", "apgd-t-st"]
+    assert reruns.reference_attacks(gated) == ["apgd-ce", "apgd-t", "apgd-ce-st", "apgd-t-st"]
     for model, status, white_box in ((Regions(templates, quantise=True), "flag", 1.0),
                                      (Regions(templates), "pass", 0.0)):
         ev = planted(model, "autoattack", eps=0.3, n=8)

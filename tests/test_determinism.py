@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from conftest import TINY, run_subprocess
 
-from miarobust.evaluator import Evaluation, RunConfig, batch_seed
+from miarobust.evaluator import Evaluation, RunConfig
+from miarobust.results import batch_seed
 
 STOCHASTIC = ["--model", "mia_vit_fmnist", "--gate-mode", "stochastic", "--eval-samples", "3",
               "--attack", "pgd,eot-pgd", "--eot", "2", "--n", "12", "--batch-size", "6", "--steps", "2", "--checks", "off"]

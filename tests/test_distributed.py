@@ -16,8 +16,9 @@ from conftest import files_under, subprocess_env
 
 from miarobust import evaluator
 from miarobust.errors import UserError
-from miarobust.evaluator import Evaluation, FolderLock, RunConfig, batches_todo, partial_name, run
+from miarobust.evaluator import Evaluation, RunConfig, run
 from miarobust.results import write_csv
+from miarobust.results.store import FolderLock, batches_todo, partial_name
 
 #: n = 101 with batches of 10: 11 batches, the last one short, 6 on rank 0 and 5 on rank 1.
 ARGS = ["--model", "vit_fmnist", "-n", "101", "--batch-size", "10", "--steps", "2", "--checks", "off"]

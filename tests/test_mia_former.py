@@ -350,3 +350,40 @@ def test_full_mode_record() -> None:
     assert rec.probs is None and torch.equal(rec.log_prob, torch.zeros(3))
     assert torch.equal(rec.macs, torch.full((3,), float(static_macs(dims))))
     assert rec.tokens.shape == (3, dims.depth, dims.tokens) and rec.tokens.min() == 1
+
+
+@pytest.mark.parametrize("execution", ["masked", "sliced"])
+def test_forward_intermediates_runs_the_gated_blocks(execution: str) -> None:
+    """timm's forward_intermediates (and features_only) see the sub-model the gates chose, not the static model."""
+    _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {}, seed=3)
+    randomise_controller(mia)
+    mia.set_gate_mode("deterministic").execution = execution
+    with torch.no_grad():
+        features = mia.forward_features(x)
+        macs = mia.last.macs.clone()
+        final, inter = mia.forward_intermediates(x, output_fmt="NLC", norm=True)
+        assert torch.allclose(final, features, atol=1e-5) and torch.equal(mia.last.macs, macs)
+        assert torch.allclose(inter[-1], final[:, 1:], atol=1e-5)  # the last block, normed: the patch tokens of the features
+        static_final, static_inter = mia.set_gate_mode("full").forward_intermediates(x, output_fmt="NLC")
+    assert not torch.allclose(static_final, final, atol=1e-3)
+    assert len(inter) == len(static_inter) == len(mia.blocks)
+    mia.set_gate_mode("deterministic")
+    net = timm.create_model("mia_vit_fmnist", features_only=True, out_indices=(1, 3)).eval()
+    net.model.load_state_dict(mia.state_dict(), strict=False)
+    with torch.no_grad():
+        got = net(x)
+        want = mia.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    assert [g.shape for g in got] == [w.shape for w in want] and all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+
+
+def test_mask_arguments_and_dynamic_sizes_are_refused_and_the_cfg_says_the_size_is_fixed() -> None:
+    _, mia, x = pair("vit_fmnist", "mia_vit_fmnist", {})
+    with pytest.raises(ValueError, match="attention mask"):
+        mia.forward_features(x, attn_mask=torch.ones(1, 1, 50, 50, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention mask"):
+        mia.forward_intermediates(x, is_causal=True)
+    with pytest.raises(ValueError, match="img_size"):
+        timm.create_model("mia_vit_fmnist", dynamic_img_size=True)
+    for name in ("mia_vit_fmnist", "mia_deit_t", "deit_t"):
+        assert timm.create_model(name, pretrained=False).pretrained_cfg["fixed_input_size"] is True
+    assert timm.create_model("deit_t", dynamic_img_size=True).pretrained_cfg["fixed_input_size"] is False

@@ -114,7 +114,7 @@ def test_a_file_named_like_a_shipped_checkpoint_wins(tmp_path: Path, monkeypatch
 @pytest.mark.parametrize("checkpoint,share", [(None, 0.70), ("mia_vit_fmnist_b07", 0.70), ("mia_vit_fmnist_b05", 0.55)])
 def test_shipped_mia_checkpoints_keep_their_budget(cli, tmp_path: Path, checkpoint: str | None, share: float) -> None:
     """On the 1,000 embedded images with deterministic gates: within the MACs budget, per-image MACs that vary,
-    and accuracy close to the static model's (issue 3: within a point on the 10k test set; 2 points here)."""
+    and accuracy close to the static model's (the goal: within a point on the 10k test set; 2 points here)."""
     summaries = {}
     for model in ("vit_fmnist", "mia_vit_fmnist"):
         args = ["--checkpoint", checkpoint] if checkpoint and model != "vit_fmnist" else []

@@ -1,4 +1,4 @@
-"""miarobust/report.py: tables and plots from run folders, checked against the runs' own summary.json.
+"""miarobust.report: tables and plots from run folders, checked against the runs' own summary.json.
 
 The runs are real but tiny (vit_fmnist and a stochastic mia_vit_fmnist, 20 images, 1 PGD step).
 """
@@ -13,7 +13,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from miarobust.report import PLOTS, _frontier, check_integrity, load_runs, markdown_table, robustbench_entries, tidy
+from miarobust.report import PLOTS
+from miarobust.report.export import robustbench_entries
+from miarobust.report.plots import _frontier
+from miarobust.report.tables import markdown_table
+from miarobust.results.read import check_integrity, load_runs, tidy
 
 TINY = dict(n=20, batch_size=20, steps=1, checks="off")
 
@@ -160,7 +164,7 @@ def test_frontier_keeps_only_undominated_points():
 
 def test_tidy_without_params_and_robustbench_picks_the_lowest(runs_root):
     runs, _ = load_runs(runs_root)
-    table = tidy(runs, params=False)
+    table = tidy(runs)
     assert table["params"].isna().all() and len(table) == 5  # pgd, fgsm, worst-case; pgd at 2/255; mia pgd
     entries = robustbench_entries(table)
     for entry in entries.values():
@@ -168,7 +172,7 @@ def test_tidy_without_params_and_robustbench_picks_the_lowest(runs_root):
 
 
 def test_eps_plot_draws_each_eot_k_as_its_own_line() -> None:
-    from miarobust.report import plot_robust_vs_eps
+    from miarobust.report.plots import plot_robust_vs_eps
 
     rows = []
     for k in (1, 4):

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY, files_under, subprocess_env
 
-from miarobust.evaluator import Evaluation, FolderLock, RunConfig, partial_name, run
+from miarobust.evaluator import Evaluation, RunConfig, run
+from miarobust.results.store import FolderLock, partial_name
 
 CFG = dict(model="vit_fmnist", n=24, batch_size=8, steps=2, checks="off")
 

@@ -15,8 +15,8 @@ import pytest
 from conftest import TINY, files_under
 
 from miarobust.errors import UserError
-from miarobust.report import load_run, run_rows
 from miarobust.results import write_csv, write_json
+from miarobust.results.read import load_run, run_rows
 from miarobust.stats import wilson
 from miarobust.worst import IN_ALL, worst_case
 
@@ -204,7 +204,7 @@ def test_fractional_records_take_the_minimum_estimate_per_image(tmp_path):
     assert res.config["combines"][0]["checks"] == {"eot_converged": "flag"}
     run = load_run(res.folder)  # report's reader: consistent, and the source's flagged check flags the rows
     assert run.integrity == []
-    worst = next(row for row in run_rows(run, params=False) if row["attack"] == "worst-case")
+    worst = next(row for row in run_rows(run) if row["attack"] == "worst-case")
     assert worst["flags"] == "eot-pgd-eot4/eot_converged" and worst["n"] == 4 and worst["eot"] == 16
 
 

@@ -17,8 +17,11 @@ their probability (Bengio et al. 2013, BPDA of Athalye et al. 2018), so an attac
 from __future__ import annotations
 
 from enum import Enum
+from functools import cached_property
 
 import torch
+
+from miarobust.models.flops import VitDims, mia_macs, static_macs
 
 
 class GateMode(str, Enum):
@@ -67,3 +70,76 @@ def log_prob(logits: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """Elementwise log-probability of the drawn `gates` under Bernoulli(sigmoid(logits)): REINFORCE's log pi."""
     # log sigmoid(l) if open, log sigmoid(-l) if closed; stable for large |l|
     return torch.nn.functional.logsigmoid(torch.where(gates.detach() > 0.5, logits, -logits))
+
+
+class GateRecord:
+    """The decisions of one forward pass, per image. Values may carry straight-through gradients.
+
+    Holds the per-block gates and the logits they were drawn from, (B, L, 1 + H + patches) each: the
+    block's, each head's and each patch token's. The fields below are derived when first read, so a
+    forward whose caller reads none of them (latency-bound inference) does not pay for them.
+
+    blocks: (B, L); heads: (B, L, H); tokens: (B, L, N) with prefix tokens always 1;
+    log_prob: (B,) log-probability of the drawn decisions that mattered (REINFORCE's log pi);
+    macs: (B,) MACs of the executed structure, controller included;
+    probs: (blocks, heads, tokens) probabilities sigmoid(logit) of the same shapes, or None (full mode).
+    """
+
+    def __init__(self, dims: VitDims, num_prefix: int, gates: torch.Tensor, logits: torch.Tensor | None):
+        """logits None: the full mode (every gate open, no controller run: the static model's MACs)."""
+        self.dims, self.num_prefix, self.gates, self.logits = dims, num_prefix, gates, logits
+
+    def _split(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.dims.num_heads
+        patches = t[..., 1 + h :]
+        prefix = patches.new_ones(*patches.shape[:-1], self.num_prefix)
+        return t[..., 0], t[..., 1 : 1 + h], torch.cat([prefix, patches], -1)
+
+    @cached_property
+    def _gates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._split(self.gates)
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        return self._gates[0]
+
+    @property
+    def heads(self) -> torch.Tensor:
+        return self._gates[1]
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self._gates[2]
+
+    @cached_property
+    def log_prob(self) -> torch.Tensor:
+        if self.logits is None:
+            return self.gates.new_zeros(self.gates.shape[0])
+        # the block decision, and the head and token decisions of the blocks that ran
+        lp = log_prob(self.logits, self.gates)
+        return (lp[..., 0] + (self.blocks.detach() > 0.5) * lp[..., 1:].sum(-1)).sum(1)
+
+    @cached_property
+    def macs(self) -> torch.Tensor:
+        if self.logits is None:
+            return self.gates.new_full(self.gates.shape[:1], float(static_macs(self.dims)))
+        return mia_macs(self.dims, self.blocks, self.heads, self.tokens)
+
+    @cached_property
+    def probs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        return None if self.logits is None else self._split(torch.sigmoid(self.logits))
+
+    def threshold_gates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(blocks, heads, tokens) of the deterministic (p > 0.5) decisions along this forward's path, with
+        sigmoid gradients (straight-through): lets training hold the deterministic cost to a budget too."""
+        return tuple(straight_through((p.detach() > 0.5).to(p.dtype), p) for p in self.probs)
+
+    def kept(self) -> dict[str, torch.Tensor]:
+        """Per image: share of blocks run, of heads and of tokens kept inside the blocks that ran."""
+        on = self.blocks.detach()
+        runs = on.sum(1).clamp(min=1)
+        return {
+            "blocks": on.mean(1),
+            "heads": (self.heads.detach().mean(-1) * on).sum(1) / runs,
+            "tokens": (self.tokens.detach().mean(-1) * on).sum(1) / runs,
+        }

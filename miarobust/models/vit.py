@@ -69,6 +69,8 @@ def create_vit(cls: type, variant: str, cfg: PretrainedCfg, pretrained: bool, **
         size = kwargs["img_size"]
         h, w = (size, size) if isinstance(size, int) else size
         overlay = {"input_size": (kwargs.get("in_chans", cfg.input_size[0]), h, w), **overlay}
+    # a ViT's position embedding fixes its input size unless built with dynamic_img_size (timm's DeiT cfgs say so)
+    overlay = {"fixed_input_size": not kwargs.get("dynamic_img_size", False), **overlay}
     chans = kwargs.get("in_chans", cfg.input_size[0])
     if len(cfg.mean) != chans:  # e.g. a grey DeiT: the mean of the RGB statistics on every channel
         overlay = {"mean": (sum(cfg.mean) / len(cfg.mean),) * chans, "std": (sum(cfg.std) / len(cfg.std),) * chans,

@@ -1,7 +1,5 @@
-"""The results store: one folder per run with config.json, samples.csv and summary.json, written atomically.
-
-Every file of the project is written through `atomic_write`: a temporary file in the same folder, fsync,
-then `os.replace`, so a killed process leaves either the old file or the new one, never half of one.
+"""Writing files: every file of the project is written through `atomic_write`, a temporary file in the same
+folder, fsync, then `os.replace`, so a killed process leaves either the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -16,8 +14,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import pandas as pd
-
-CONFIG, SAMPLES, SUMMARY, PARTIAL = "config.json", "samples.csv", "summary.json", "partial"
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:

@@ -1,0 +1,82 @@
+"""What a run folder's JSON files say beyond the records: the environment of config.json, and summary.json
+computed from samples.csv alone (every number in it is recomputable from the per-sample records)."""
+
+from __future__ import annotations
+
+import platform
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from miarobust.results.io import git_revision
+from miarobust.stats import wilson
+
+if TYPE_CHECKING:
+    from miarobust.attacks import AttackConfig, AttackInfo
+    from miarobust.evaluator import RunConfig
+
+
+def environment() -> dict[str, Any]:
+    """Package versions, git revision and machine, for config.json."""
+    import timm
+    import torch
+    import torchattacks
+
+    import miarobust
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                "torchattacks": torchattacks.__version__, "miarobust": miarobust.__version__}
+    try:
+        from importlib.metadata import version
+
+        versions["pyautoattack"] = version("pyautoattack")
+    except Exception:  # noqa: BLE001
+        versions["pyautoattack"] = None
+    rev = git_revision()
+    return {"versions": versions, "git_revision": rev, "machine": platform.machine(), "threads": torch.get_num_threads()}
+
+
+def summarize(cfg: RunConfig, samples: pd.DataFrame, attacks: list[AttackInfo], draws: int, extra: dict[str, Any],
+              acfg: AttackConfig | None = None) -> dict[str, Any]:
+    """summary.json from samples.csv: every number here is recomputable from the per-sample records. `acfg`: the
+    attacks' resolved settings (the adaptive preset's EOT K), by default the config's."""
+    n = len(samples)
+    acfg = acfg or cfg.attack_config()
+
+    def prop(col: str) -> dict[str, Any]:
+        s = float(samples[col].sum())
+        lo, hi = wilson(s, n)
+        return {"acc": s / n if n else 0.0, "ci95": [lo, hi], "n": n}
+
+    stochastic = draws > 1
+    per_attack = {}
+    for info in attacks:
+        if info.name == "none":
+            continue
+        a = info.name
+        entry = prop(f"{a}_correct")
+        entry.update({
+            "gmacs_mean": float(samples[f"{a}_gmacs"].mean()),
+            **{f"gmacs_p{q}": float(samples[f"{a}_gmacs"].quantile(q / 100)) for q in (5, 50, 95)},
+            "eot": info.draws(acfg, stochastic),
+            "adaptive": info.adaptive(acfg),
+            "gate_grad": info.gate_grad,
+            "label": (("adaptive" if info.adaptive(acfg) else "non-adaptive") if stochastic else "deterministic-model")
+            + (", straight-through gates" if info.straight_through else ""),
+            "max_dist": float(samples[f"{a}_dist"].max()) if n else 0.0,
+        })
+        per_attack[a] = entry
+    gm = samples["clean_gmacs"]
+    return {
+        "model": cfg.model, "data": cfg.data, "gate_mode": extra.get("gate_mode"), "n": n,
+        "norm": cfg.norm, "eps": cfg.eps, "eps_text": cfg.eps_text, "steps": cfg.steps,
+        "eval_samples": draws, "stochastic": stochastic,
+        "clean": prop("clean_correct"),
+        "attacks": per_attack,
+        "robust": prop("robust"),
+        "non_adaptive": stochastic and any(not v["adaptive"] for v in per_attack.values()),
+        "gmacs": {"clean_mean": float(gm.mean()), "clean_p5": float(gm.quantile(0.05)), "clean_p50": float(gm.quantile(0.5)),
+                  "clean_p95": float(gm.quantile(0.95)),
+                  "adv_mean": {a: v["gmacs_mean"] for a, v in per_attack.items()}},
+        **{k: v for k, v in extra.items() if k != "gate_mode"},
+    }
