@@ -82,7 +82,7 @@ def evaluate(model: str | nn.Module, *, attack: str | Sequence[str] = "pgd", eps
 class Attack:
     """A registered attack as a function of (images (B, C, H, W) in [0, 1], labels (B,)) -> adversarial images.
 
-    model: any nn.Module (normalised by `mean`/`std`, else its timm pretrained_cfg); a MIA-Former (directly or
+    model: any nn.Module (normalised by `mean`/`std`, else its timm pretrained_cfg); an adaptive ViT (directly or
     as `.model` of a wrapper) is attacked through its gates as its `gate_mode` says. Every output is checked
     against the threat model (a violation raises, never returns). Options: AttackConfig's fields (steps,
     restarts, eot, queries, ...).
@@ -93,16 +93,15 @@ class Attack:
 
     def __init__(self, name: str, model: nn.Module, eps: float | str = 8 / 255, norm: str = "Linf",
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None, **options: Any):
-        from miarobust.models.mia_former import MIAFormer
+        from miarobust.models.adaptive import adaptive_core
         from miarobust.models.normalize import Normalized
 
         self.cfg = AttackConfig(norm=norm, eps=_eps(eps)[0], **options)
         self.info = get_attack(name, self.cfg)
         wrapped = Normalized(model, tuple(mean) if mean is not None else None, tuple(std) if std is not None else None)
-        inner = model.model if not isinstance(model, MIAFormer) and isinstance(getattr(model, "model", None), MIAFormer) else model
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
-        self.victim = Victim(wrapped.to(device).eval(), inner if isinstance(inner, MIAFormer) else None, device)
+        self.victim = Victim(wrapped.to(device).eval(), adaptive_core(model), device)
         self.fn = build_attack(self.info, self.victim, self.cfg)
         self.threat = ThreatModel(norm, self.cfg.eps)
 

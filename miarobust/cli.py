@@ -185,9 +185,12 @@ def list_cmd(what: str) -> None:
     from miarobust.models import model_names
 
     if what in ("all", "models"):
+        from miarobust.models.registry import FAMILIES
+
         click.echo("models:")
-        for name in model_names():
-            click.echo(f"  {name}")
+        names = set(model_names())
+        for family, members in FAMILIES.items():
+            click.echo(f"  {family}: " + ", ".join(m for m in members if m in names))
     if what in ("all", "checkpoints"):
         from pathlib import Path
 

@@ -4,7 +4,7 @@ Batches are fixed by (n, batch_size) and batch b is seeded from (seed, b) alone,
 not depend on which batches ran before it in this process: a resumed run, or a run split over ranks
 (distributed.py), writes the same samples.csv as one uninterrupted run.
 
-For a stochastic MIA-Former, clean and adversarial correctness are the mean over `eval_samples` gate
+For a stochastic adaptive model (MIA-Former's random gates), clean and adversarial correctness are the mean over `eval_samples` gate
 draws (a probability per image), GMACs are the mean over draws, and an attack without EOT is labelled
 non-adaptive.
 """
@@ -143,8 +143,8 @@ class Evaluation:
                  std: tuple[float, ...] | None = None, input_size: tuple[int, int, int] | None = None):
         from miarobust.data import Geometry, load_dataset
         from miarobust.models import create
+        from miarobust.models.adaptive import adaptive_core, check_gate_mode
         from miarobust.models.gates import GateMode
-        from miarobust.models.mia_former import MIAFormer
         from miarobust.models.normalize import Normalized
 
         self.device = resolve_device(cfg.device)
@@ -162,19 +162,20 @@ class Evaluation:
             if input_size is None and "input_size" not in (getattr(module, "pretrained_cfg", None) or {}):
                 raise UserError(f"{type(module).__name__} has no timm pretrained_cfg saying what it takes: pass "
                                 "input_size=(C, H, W).")
-        self.mia = backbone if isinstance(backbone, MIAFormer) else None
+        self.adaptive = adaptive_core(backbone)  # MIA-Former or a dynamic-ViT peer; None for a static model
         if cfg.gate_mode is not None:
-            mode = GateMode.parse(cfg.gate_mode)
-            if self.mia is None:
-                raise UserError(f"--gate-mode applies to MIA-Former models only; {cfg.model} is static.")
-            if mode is GateMode.GUMBEL:
-                raise UserError("gate mode 'gumbel' is for training: use full, deterministic or stochastic.")
-            self.mia.set_gate_mode(mode)
+            if self.adaptive is None:
+                GateMode.parse(cfg.gate_mode)  # an unknown mode is named as such first
+                raise UserError(f"--gate-mode applies to input-adaptive models only; {cfg.model} is static.")
+            try:
+                self.adaptive.set_gate_mode(check_gate_mode(self.adaptive, cfg.gate_mode, cfg.model))
+            except ValueError as e:
+                raise UserError(f"--gate-mode: {e}.") from None
         self.model = Normalized(backbone, mean, std).to(self.device).eval()
         if module is None:  # ours: no parameter gradients needed (a user's module keeps its flags)
             for p in self.model.parameters():
                 p.requires_grad_(False)
-        self.victim = Victim(self.model, self.mia, self.device)
+        self.victim = Victim(self.model, self.adaptive, self.device)
         geometry = Geometry.of(backbone) if input_size is None else Geometry(*input_size)
         from miarobust.models.flops import module_macs
 
@@ -204,7 +205,7 @@ class Evaluation:
             self.n = len(self.dataset)
         self.draws = cfg.eval_samples if self.victim.stochastic else 1
         self.threat = ThreatModel(cfg.norm, cfg.eps)
-        self.attacks: list[AttackInfo] = [get_attack(a, acfg) for a in expand(cfg.attacks, gated=self.mia is not None)]
+        self.attacks: list[AttackInfo] = [get_attack(a, acfg) for a in expand(cfg.attacks, gated=self.adaptive is not None)]
         self.acfg = acfg
         if self.victim.stochastic and cfg.eot is None and "adaptive" in cfg.attacks:
             self.acfg = replace(acfg, eot=self.preset_eot())
@@ -265,9 +266,9 @@ class Evaluation:
         return {"pred": votes.argmax(1), "correct": correct / self.draws, "gmacs": macs / self.draws / 1e9}
 
     def macs(self, b: int) -> torch.Tensor:
-        """MACs per image of the latest forward: the executed structure for MIA-Former, fixed for static."""
-        if self.mia is not None:
-            return self.mia.last.macs.detach().to(self.device)
+        """MACs per image of the latest forward: the executed structure for an adaptive model, fixed for static."""
+        if self.adaptive is not None:
+            return self.adaptive.last.macs.detach().to(self.device)
         return torch.full((b,), float(self.static_macs), device=self.device)
 
     def run_batch(self, b: int) -> pd.DataFrame:
@@ -338,7 +339,7 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
                     # the config as asked, except gate mode and checkpoint resolved; `requested` keeps those as asked
                     write_json(folder / CONFIG, {**asdict(cfg), "environment": environment(),
                                                  "requested": {"gate_mode": cfg.gate_mode, "checkpoint": cfg.checkpoint},
-                                                 "gate_mode": ev.mia.gate_mode.value if ev.mia else None,
+                                                 "gate_mode": ev.adaptive.gate_mode.value if ev.adaptive else None,
                                                  "checkpoint": checkpoint, "weights_sha256": weights,
                                                  "resolved_attacks": [i.name for i in ev.attacks],
                                                  "resolved_eot": ev.acfg.eot,
@@ -421,7 +422,7 @@ def finish(cfg: RunConfig, ev: Evaluation, folder: Path, seconds: float) -> dict
     ev.warnings.update(saved)  # every batch's AutoAttack warnings, whichever process ran it
     write_csv(folder / SAMPLES, samples)
     samples = pd.read_csv(folder / SAMPLES)  # summarise what is on disk, so summary == f(samples.csv)
-    extra: dict[str, Any] = {"gate_mode": ev.mia.gate_mode.value if ev.mia else None, "wall_seconds": seconds,
+    extra: dict[str, Any] = {"gate_mode": ev.adaptive.gate_mode.value if ev.adaptive else None, "wall_seconds": seconds,
                              "folder": folder.name}
     summary = summarize(cfg, samples, ev.attacks, ev.draws, extra, ev.acfg)
     # what the backbone costs with every gate open, rounded as samples.csv stores per-image GMACs (so that

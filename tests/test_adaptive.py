@@ -239,7 +239,7 @@ def test_adaptive_preset_probes_eot_once_and_records_it(tmp_path, monkeypatch: p
     ev = Evaluation(RunConfig(model="vit_fmnist", data="synthetic", attacks=("adaptive",), n=10, batch_size=10,
                               eval_samples=4, out=str(tmp_path)))
     ev.model = Normalized(model, (0.0,), (1.0,)).eval()
-    ev.mia = model
+    ev.adaptive = model
     ev.victim = Victim(ev.model, model, ev.device)
     ev.dataset = [(x[i], int(y[i])) for i in range(len(x))]
     ev.draws = 4

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from miarobust import checks
-from miarobust.checks import reruns
 from miarobust.attacks import ATTACKS, AttackConfig, Victim, build_attack, get_attack
+from miarobust.checks import reruns
 from miarobust.evaluator import Evaluation, RunConfig
 from miarobust.models.gates import GateMode
 from miarobust.models.normalize import Normalized
@@ -102,11 +102,11 @@ def planted(model: nn.Module, attacks: str, stochastic: bool = False, checks_mod
     ev = Evaluation(run)
     ev.model = Normalized(model, (0.0,), (1.0,)).eval()
     if mia is not None:
-        ev.mia = mia
+        ev.adaptive = mia
     else:
-        ev.mia = SimpleNamespace(gate_mode=GateMode.STOCHASTIC, straight_through=False) if stochastic else None
+        ev.adaptive = SimpleNamespace(gate_mode=GateMode.STOCHASTIC, straight_through=False) if stochastic else None
         ev.macs = lambda b: torch.zeros(b)  # MACs of a ViT mean nothing here
-    ev.victim = Victim(ev.model, ev.mia, ev.device)
+    ev.victim = Victim(ev.model, ev.adaptive, ev.device)
     ev.dataset = [(x[i], int(y[i])) for i in range(len(x))]
     ev.draws = run.eval_samples if ev.victim.stochastic else 1
     ev.attack_fns = [build_attack(info, ev.victim, ev.acfg) for info in ev.attacks]

@@ -35,9 +35,9 @@ def test_forward_backward(name: str) -> None:
 
 def test_names_registered_with_timm() -> None:
     """Every name the package lists is a timm model built by this package's entrypoints, and none is missing."""
-    from miarobust.models.registry import MIA_MODELS, STATIC_MODELS
+    from miarobust.models.registry import MIA_MODELS, PEER_MODELS, STATIC_MODELS
 
-    assert model_names() == [*STATIC_MODELS, *MIA_MODELS]  # none filtered out: each is registered
+    assert model_names() == [*STATIC_MODELS, *MIA_MODELS, *PEER_MODELS]  # none filtered out: each is registered
     for name in model_names():
         assert timm.is_model(name) and timm.models.model_entrypoint(name).__module__.startswith("miarobust.")
 

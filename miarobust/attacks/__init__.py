@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,16 +58,17 @@ class AttackConfig:
 
 @dataclass
 class Victim:
-    """The model under attack: `model` takes [0, 1] images; `mia` is its MIA-Former backbone, if any."""
+    """The model under attack: `model` takes [0, 1] images; `adaptive` is its input-adaptive backbone (MIA-Former
+    or a dynamic-ViT peer, models/adaptive.py), if any."""
 
     model: nn.Module
-    mia: nn.Module | None = None
+    adaptive: Any = None  # an AdaptiveViT
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tap: CandidateTap | None = None  # shown every query of an attack on a stochastic model (candidates.py)
 
     @property
     def stochastic(self) -> bool:
-        return self.mia is not None and self.mia.gate_mode.value == "stochastic"
+        return self.adaptive is not None and self.adaptive.gate_mode.value == "stochastic"
 
     def with_eot(self, k: int, chunk: int | None = None) -> nn.Module:
         """The model as an attack sees it: EOT over k gate draws when k > 1, its queries shown to `tap`."""
@@ -76,15 +78,15 @@ class Victim:
     @contextlib.contextmanager
     def straight_through(self) -> Iterator[None]:
         """Hard gates in the forward pass, sigmoid gradients in the backward pass (BPDA), for the block."""
-        if self.mia is None:
+        if self.adaptive is None:
             yield
             return
-        before = self.mia.straight_through
-        self.mia.straight_through = True
+        before = self.adaptive.straight_through
+        self.adaptive.straight_through = True
         try:
             yield
         finally:
-            self.mia.straight_through = before
+            self.adaptive.straight_through = before
 
 
 @dataclass(frozen=True)
@@ -364,7 +366,7 @@ def build_attack(info: AttackInfo, victim: Victim, cfg: AttackConfig) -> AttackF
     scored on `cfg.select_draws` fresh gate draws (candidates.py), never the clean image where it found better.
     AutoAttack-based functions keep a `warnings` list (their own checks' warnings, for sanity check 6).
     """
-    if info.straight_through and victim.mia is None:
+    if info.straight_through and victim.adaptive is None:
         raise UserError(f"{info.name} attacks through straight-through gates, and the model has none: use "
                         f"{info.name.removesuffix(ST_SUFFIX)} on a static model.")
     k = info.eot(cfg, victim.stochastic)

@@ -15,15 +15,15 @@ from miarobust.attacks.pgd import pgd
 
 
 def build(victim, cfg, eot: int = 1):  # noqa: ANN001, ANN201  (types in attacks/__init__; eot unused: takes_eot=False)
-    if victim.mia is None:
+    if victim.adaptive is None or not victim.adaptive.VARIABLE_COMPUTE:
         return lambda x, y: x
     from miarobust.models.flops import VitDims, static_macs
 
-    full = float(static_macs(VitDims.of(victim.mia)))
+    full = float(static_macs(VitDims.of(victim.adaptive)))
 
     def objective(x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = victim.model(x_adv)
-        gain = victim.mia.last.macs / full
+        gain = victim.adaptive.last.macs / full
         if cfg.keep_prediction:
             return gain - F.cross_entropy(logits, y, reduction="none")
         return gain

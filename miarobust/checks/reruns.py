@@ -165,7 +165,7 @@ def slowdown_steps(ev: Any, samples: pd.DataFrame, m: int) -> dict[str, Any]:
     """(8) The slowdown attack with twice the steps must not raise the per-image GMACs significantly (paired)."""
     if not any(info.name == SLOWDOWN for info in ev.attacks):
         return result("skip", None, "no slowdown attack in this run")
-    if ev.victim.mia is None:
+    if ev.victim.adaptive is None:
         return result("skip", None, "static model: its MACs are fixed, the slowdown attack has nothing to raise")
     if m == 0:
         return result("skip", None, "no images")
@@ -177,7 +177,7 @@ def slowdown_steps(ev: Any, samples: pd.DataFrame, m: int) -> dict[str, Any]:
     after = rerun(ev, SLOWDOWN, acfg, m, salt=80_011, field="gmacs")
     diff, lo, hi, p2 = paired_mean_diff(after.tolist(), before.tolist())
     p = one_sided(diff, p2)
-    static = float(CSV_FLOAT % (static_macs(VitDims.of(ev.victim.mia)) / 1e9))
+    static = float(CSV_FLOAT % (static_macs(VitDims.of(ev.victim.adaptive)) / 1e9))
     g0, g1 = float(before.mean()), float(after.mean())
     value = {"gmacs": g0, "gmacs_rerun": g1, "share_of_static": g0 / static, "share_of_static_rerun": g1 / static,
              "test": "paired_mean", "diff": diff, "ci95": [lo, hi], "p": p, "level": LEVEL, "steps": acfg.steps,

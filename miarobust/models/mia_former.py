@@ -151,6 +151,9 @@ class MIAFormer(Uncopied, VisionTransformer):
         last: the GateRecord of the latest forward.
     """
 
+    GATE_MODES = (GateMode.FULL, GateMode.DETERMINISTIC, GateMode.STOCHASTIC)  # models/adaptive.py
+    VARIABLE_COMPUTE = True
+
     def __init__(self, *args: Any, gate_mode: str = "deterministic", tau: float = 1.0,
                  controller_bias: float = 3.0, **kwargs: Any):
         if kwargs.get("dynamic_img_size") or kwargs.get("dynamic_img_pad"):

@@ -20,16 +20,20 @@ import torch
 from miarobust.errors import UserError, unknown_name
 from miarobust.models.vit import shipped_checkpoint, shipped_names
 
-#: CLI names: the static baselines and the MIA-Former models (all timm entrypoints of this package).
+#: CLI names: the static baselines, the MIA-Former models and the dynamic-ViT peers (all timm entrypoints of this
+#: package), by family.
 STATIC_MODELS = ("vit_fmnist", "deit_t", "deit_s", "deit_b")
 MIA_MODELS = ("mia_vit_fmnist", "mia_deit_t", "mia_deit_s", "mia_deit_b")
+PEER_MODELS = ("dynamicvit_vit_fmnist", "dynamicvit_deit_t", "dynamicvit_deit_s", "dynamicvit_deit_b",
+               "tome_vit_fmnist", "tome_deit_t", "tome_deit_s", "tome_deit_b")
+FAMILIES = {"static ViT": STATIC_MODELS, "MIA-Former": MIA_MODELS, "DynamicViT": PEER_MODELS[:4], "ToMe": PEER_MODELS[4:]}
 
 
 def model_names() -> list[str]:
     """Every model name `create` takes: this package's timm entrypoints."""
     import miarobust.models  # noqa: F401  (registers them)
 
-    return [n for n in STATIC_MODELS + MIA_MODELS if timm.is_model(n)]
+    return [n for n in STATIC_MODELS + MIA_MODELS + PEER_MODELS if timm.is_model(n)]
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -106,11 +110,13 @@ TIMM_NAMES = {"deit_t": "deit_tiny_patch16_224", "deit_s": "deit_small_patch16_2
 
 def how_to_get(name: str) -> str:
     """One sentence on getting weights for model `name` (timm's, for the DeiTs)."""
-    base = name.removeprefix("mia_")
+    base = re.sub(r"^(mia|dynamicvit|tome)_", "", name)
     if base in TIMM_NAMES:
         return (f"timm's {TIMM_NAMES[base]} weights fit: on a machine with internet, python -c \"import timm, torch; "
                 f"torch.save(timm.create_model('{TIMM_NAMES[base]}', pretrained=True).state_dict(), '{base}.pth')\", "
                 f"then --checkpoint {base}.pth")
+    if name.startswith("dynamicvit_"):
+        return "its token scorers need training: pass a checkpoint of it (a static one leaves them untrained)"
     return f"train it with `miarobust train --model {name}`, or pass a timm-format state dict of it"
 
 

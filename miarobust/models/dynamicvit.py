@@ -1,0 +1,234 @@
+"""DynamicViT: hierarchical token sparsification with learned token scorers.
+
+Rao et al., "DynamicViT: Efficient Vision Transformers with Dynamic Token Sparsification", NeurIPS 2021
+(arXiv 2106.02034). Before three stages of the ViT (for DeiT's 12 blocks: blocks 3, 6 and 9) a light scorer
+reads every remaining patch token, its local features beside the mean of the kept tokens' global features,
+and predicts keep / drop; the stage keeps the top rho, rho^2, rho^3 of the original patch tokens (the CLS token
+always), so the compute is the same for every image.
+
+Written from the paper, as a subclass of timm's VisionTransformer: a static checkpoint loads with only the
+scorers' keys (`controller.*`) missing.
+
+Execution by gate mode (models/adaptive.py):
+- ``full``: the scorers do not run, timm's own blocks: exactly the static model.
+- ``deterministic``: hard top-k per stage. Without a gradient to the decisions the dropped tokens are not
+  computed (gathered: the paper's inference). With `straight_through`, or in training, the reference masked
+  forward runs instead: every token is computed, attention keys of dropped tokens are masked out (softmax over
+  the kept keys only, which leaves the CLS token's path exactly that of the gathered forward), and the hard
+  keep mask passes the gradient of the scorer's keep probability backward (BPDA), so attacks can steer the
+  selection.
+- ``gumbel`` (training): keep / drop drawn by hard Gumbel-softmax on the scorer's log-probabilities, as the
+  paper trains; the masked forward carries the gradient to the scorers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from miarobust.models.flops import VitDims, block_macs
+from miarobust.models.gates import GateMode, straight_through
+from miarobust.models.vit import ARCHS, create_vit, fmnist_cfg, imagenet_cfg
+
+
+class TokenScorer(nn.Module):
+    """DynamicViT's prediction module: per patch token, log-probabilities of (keep, drop).
+
+    Local features: the first half of a projected token; global: the mean of the second half over the tokens
+    still kept; both feed an MLP (dim -> dim/2 -> dim/4 -> 2).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
+                                      nn.Linear(dim // 4, 2))
+
+    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D) patch tokens; policy (B, N, 1): 1 where still kept (None: all) -> (B, N, 2) log-probs."""
+        z = self.in_conv(x)
+        half = z.shape[-1] // 2
+        local, glob = z[..., :half], z[..., half:]
+        if policy is None:
+            pooled = glob.mean(1, keepdim=True)
+        else:
+            pooled = (glob * policy).sum(1, keepdim=True) / policy.sum(1, keepdim=True).clamp_min(1e-6)
+        return F.log_softmax(self.out_conv(torch.cat([local, pooled.expand_as(local)], -1)), -1)
+
+    @staticmethod
+    def macs(dim: int, tokens: int) -> int:
+        """MACs of scoring `tokens` patch tokens (the linear layers)."""
+        return tokens * (dim * dim + dim * (dim // 2) + (dim // 2) * (dim // 4) + (dim // 4) * 2)
+
+
+class DynamicRecord:
+    """The decisions of one forward: `keep` (B, stages, N) patch-token masks (cumulative) and `macs` (B,)."""
+
+    def __init__(self, macs: torch.Tensor, keep: torch.Tensor | None, keep_prob: list[torch.Tensor]):
+        self.macs, self.keep, self.keep_prob = macs, keep, keep_prob
+
+
+class DynamicViT(VisionTransformer):
+    """timm's VisionTransformer with DynamicViT's token scorers; see the module docstring.
+
+    Args (beyond timm's): keep_ratio rho (per stage of the original patch tokens: rho, rho^2, ...); prune_at:
+    the blocks before which a stage prunes (default: depth/4, depth/2, 3 depth/4 as in the paper); gate_mode.
+    """
+
+    GATE_MODES = (GateMode.FULL, GateMode.DETERMINISTIC)  # models/adaptive.py
+    VARIABLE_COMPUTE = False
+
+    def __init__(self, *args: Any, keep_ratio: float = 0.7, prune_at: tuple[int, ...] | None = None,
+                 gate_mode: str = "deterministic", **kwargs: Any):
+        if kwargs.get("dynamic_img_size") or kwargs.get("dynamic_img_pad"):
+            raise ValueError("DynamicViT keeps a fixed number of tokens per stage: build it with img_size=(H, W) of "
+                             "your images instead of dynamic_img_size / dynamic_img_pad")
+        super().__init__(*args, **kwargs)
+        if self.cls_token is None or self.global_pool != "token" or self.num_prefix_tokens != 1:
+            raise ValueError("DynamicViT classifies from the class token: build it with class_token=True, "
+                             "global_pool='token' and no register tokens")
+        if not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be in (0, 1], not {keep_ratio}")
+        depth = len(self.blocks)
+        self.prune_at = tuple(prune_at) if prune_at is not None else tuple(depth * s // 4 for s in (1, 2, 3))
+        if sorted(set(self.prune_at)) != list(self.prune_at) or not all(0 < b < depth for b in self.prune_at):
+            raise ValueError(f"prune_at must be increasing block indices in 1..{depth - 1}, not {self.prune_at}")
+        self.keep_ratio = keep_ratio
+        self.controller = nn.ModuleList(TokenScorer(self.embed_dim) for _ in self.prune_at)
+        self.gate_mode = GateMode.parse(gate_mode)
+        self.straight_through = False
+        self.last: DynamicRecord | None = None
+
+    def set_gate_mode(self, mode: str | GateMode) -> DynamicViT:
+        self.gate_mode = GateMode.parse(mode)
+        return self
+
+    def kept_counts(self) -> list[int]:
+        """Patch tokens kept after each stage: int(N rho^s), at least 1."""
+        n = self.patch_embed.num_patches
+        return [max(1, int(n * self.keep_ratio ** (s + 1))) for s in range(len(self.prune_at))]
+
+    def macs_per_image(self, full: bool = False, scorers: bool = True) -> int:
+        """MACs of one image: patch embedding, every block on its stage's tokens, the scorers (unless `scorers` is
+        False: the paper's GMACs leave them out), the head; `full`: the static model's."""
+        dims = VitDims.of(self)
+        if full:
+            tokens = [dims.tokens] * dims.depth
+        else:
+            counts, tokens, n = self.kept_counts(), [], dims.num_patches
+            for b in range(dims.depth):
+                if b in self.prune_at:
+                    n = counts[self.prune_at.index(b)]
+                tokens.append(n + 1)
+        # the scorer before block b reads the patch tokens entering it: those block b - 1 ran on
+        scoring = 0 if full or not scorers else sum(TokenScorer.macs(dims.dim, tokens[b - 1] - 1) for b in self.prune_at)
+        return int(dims.patch_macs + sum(block_macs(dims, t, dims.num_heads) for t in tokens) + scoring + dims.head_macs)
+
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("DynamicViT's blocks take no attention mask: call forward_features without attn_mask and "
+                             "is_causal")
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        b = x.shape[0]
+        if self.gate_mode is GateMode.FULL:
+            self.last = DynamicRecord(x.new_full((b,), float(self.macs_per_image(full=True))), None, [])
+            return self.norm(self.blocks(x))
+        if self.gate_mode not in (GateMode.DETERMINISTIC, GateMode.GUMBEL):
+            raise ValueError(f"DynamicViT has no gate mode '{self.gate_mode.value}': use full or deterministic")
+        masked = self.training or self.gate_mode is GateMode.GUMBEL or (self.straight_through and torch.is_grad_enabled())
+        x = self._masked(x) if masked else self._gathered(x)
+        return self.norm(x)
+
+    def _masked(self, x: torch.Tensor) -> torch.Tensor:
+        """Every token computed; dropped tokens masked as attention keys; decisions carry gradients."""
+        b, n = x.shape[0], x.shape[1] - 1
+        policy = x.new_ones(b, n)
+        keeps, probs, counts = [], [], self.kept_counts()
+        for i, blk in enumerate(self.blocks):
+            if i in self.prune_at:
+                s = self.prune_at.index(i)
+                logp = self.controller[s](x[:, 1:], policy[..., None])
+                p_keep = logp[..., 0].exp()
+                if self.gate_mode is GateMode.GUMBEL:
+                    hard = F.gumbel_softmax(logp, hard=True)[..., 0] * policy
+                else:
+                    score = logp[..., 0].masked_fill(policy.detach() == 0, float("-inf"))
+                    top = score.topk(counts[s], dim=1).indices
+                    hard = torch.zeros_like(policy).scatter_(1, top, 1.0)
+                    if self.straight_through or self.training:
+                        hard = straight_through(hard, p_keep * policy)
+                policy = hard
+                keeps.append(policy.detach() > 0.5)
+                probs.append(p_keep * policy.detach())
+            x = _masked_block(blk, x, torch.cat([policy.new_ones(b, 1), policy], 1))
+        self.last = DynamicRecord(x.new_full((b,), float(self.macs_per_image())), torch.stack(keeps, 1), probs)
+        return x
+
+    def _gathered(self, x: torch.Tensor) -> torch.Tensor:
+        """The paper's inference: each stage gathers its top-k tokens; the dropped ones are not computed."""
+        b = x.shape[0]
+        counts, keeps = self.kept_counts(), []
+        index = torch.arange(x.shape[1] - 1, device=x.device).expand(b, -1)  # original positions of the kept tokens
+        for i, blk in enumerate(self.blocks):
+            if i in self.prune_at:
+                s = self.prune_at.index(i)
+                logp = self.controller[s](x[:, 1:])
+                top = logp[..., 0].topk(counts[s], dim=1).indices.sort(1).values  # original order
+                x = torch.cat([x[:, :1], x[:, 1:].gather(1, top[..., None].expand(-1, -1, x.shape[-1]))], 1)
+                index = index.gather(1, top)
+                keeps.append(torch.zeros(b, self.patch_embed.num_patches, dtype=torch.bool, device=x.device)
+                             .scatter_(1, index, True))
+            x = blk(x)
+        self.last = DynamicRecord(x.new_full((b,), float(self.macs_per_image())), torch.stack(keeps, 1), [])
+        return x
+
+
+def _masked_block(blk: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """timm's pre-norm block with attention over the kept keys only: softmax(q k^T) restricted to keep (B, N),
+    written so the mask carries a gradient (the masked softmax of DynamicViT's training)."""
+    a = blk.attn
+    b, n, d = x.shape
+    qkv = a.qkv(blk.norm1(x)).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = a.q_norm(q), a.k_norm(k)
+    s = q * a.scale @ k.transpose(-2, -1)
+    kept = keep[:, None, None, :]
+    top = s.masked_fill(kept.detach() == 0, float("-inf")).amax(-1, keepdim=True).detach()  # the CLS key is kept
+    w = (s - top).clamp_max(0).exp() * kept
+    w = a.attn_drop(w / w.sum(-1, keepdim=True))
+    o = a.proj_drop(a.proj((w @ v).transpose(1, 2).reshape(b, n, a.attn_dim)))
+    x = x + blk.drop_path1(blk.ls1(o))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+def _dynamicvit(variant: str, arch: str, cfg: Any, pretrained: bool, kwargs: dict[str, Any]) -> DynamicViT:
+    return create_vit(DynamicViT, variant, cfg, pretrained, **{**ARCHS[arch], **kwargs})
+
+
+@register_model
+def dynamicvit_deit_t(pretrained: bool = False, **kwargs: Any) -> DynamicViT:
+    """DynamicViT on DeiT-Tiny (keep_ratio 0.7 by default)."""
+    return _dynamicvit("dynamicvit_deit_t", "deit_t", imagenet_cfg(), pretrained, kwargs)
+
+
+@register_model
+def dynamicvit_deit_s(pretrained: bool = False, **kwargs: Any) -> DynamicViT:
+    """DynamicViT on DeiT-Small (the paper's main model; keep_ratio 0.7: 2.9 GMACs without the scorers)."""
+    return _dynamicvit("dynamicvit_deit_s", "deit_s", imagenet_cfg(), pretrained, kwargs)
+
+
+@register_model
+def dynamicvit_deit_b(pretrained: bool = False, **kwargs: Any) -> DynamicViT:
+    """DynamicViT on DeiT-Base."""
+    return _dynamicvit("dynamicvit_deit_b", "deit_b", imagenet_cfg(), pretrained, kwargs)
+
+
+@register_model
+def dynamicvit_vit_fmnist(pretrained: bool = False, **kwargs: Any) -> DynamicViT:
+    """DynamicViT on vit_fmnist (6 blocks: stages before blocks 1, 3 and 4)."""
+    return _dynamicvit("dynamicvit_vit_fmnist", "vit_fmnist", fmnist_cfg(None), pretrained, kwargs)
