@@ -9,7 +9,7 @@ Then `miarobust worst` writes, per model x weights x gate mode x eps, each image
 --out and the earlier grid of those weights (results/grid: b07 and the static model; results/grid-lat076: the
 default weights) into --worst-out/<grid>, and the tables are printed from those folders.
 
-    python benchmarks/adaptive_grid.py [--eps 8/255] [--n N] [--rows REGEX] [--only-table]
+    python benchmarks/adaptive_grid.py [--eps 8/255] [--n N] [--batch-size B] [--rows REGEX] [--only-table]
         [--out results/adaptive] [--worst-out results/worst]
 """
 
@@ -54,9 +54,10 @@ PAIRS = [
 ]
 
 
-def cell(argv: list[str], eps: str, n: int, out: str) -> list[str]:
+def cell(argv: list[str], eps: str, n: int, out: str, batch_size: int | None = None) -> list[str]:
     """`miarobust run` arguments of one cell."""
-    return ["run", *argv, "--attack", "adaptive", "--eps", eps, "--n", str(n), "--data", "embedded",
+    batch = ["--batch-size", str(batch_size)] if batch_size else []
+    return ["run", *argv, "--attack", "adaptive", "--eps", eps, "--n", str(n), *batch, "--data", "embedded",
             "--checks", "on", "--out", out]
 
 
@@ -131,6 +132,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--eps", default="8/255", help="comma-separated, e.g. 1/255,2/255,4/255,8/255")
     ap.add_argument("--n", type=int, default=None, help="images of every cell (default: each row's, see ROWS)")
+    ap.add_argument("--batch-size", type=int, default=None, help="images per saved batch (default: miarobust's 100); "
+                    "smaller batches save progress more often on slow cells")
     ap.add_argument("--out", default="results/adaptive")
     ap.add_argument("--worst-out", default="results/worst")
     ap.add_argument("--rows", default=None, help="regular expression: run only the matching rows (several processes "
@@ -142,7 +145,7 @@ def main() -> None:
         for eps in eps_list:
             for name, _, _, argv, n, _ in ROWS:
                 if args.rows is None or re.search(args.rows, name):
-                    cmd = cell(argv, eps, args.n or n, args.out)
+                    cmd = cell(argv, eps, args.n or n, args.out, args.batch_size)
                     print("$ miarobust", shlex.join(cmd), flush=True)
                     subprocess.run([sys.executable, "-m", "miarobust", *cmd], check=True)
     from miarobust.worst import worst_case
