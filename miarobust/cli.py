@@ -80,7 +80,7 @@ def model_option(default: str | None) -> Any:
 @cli.command("run")
 @model_option("mia_vit_fmnist")
 @click.option("--checkpoint", default=None, help="Weights file (.safetensors or timm .pth) or a shipped name (e.g. mia_vit_fmnist_b05); default: the model's shipped weights.")
-@click.option("--gate-mode", default=None, help="MIA-Former gates: full, deterministic (default) or stochastic.")
+@click.option("--gate-mode", default=None, help="Decisions of an adaptive model: full (mechanism off), deterministic (default) or stochastic (MIA-Former).")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size (default: the model's).")
 @click.option("--img-size", type=click.IntRange(min=8), default=None, help="Input size (default: the model's).")
 @click.option("--model-kwargs", default="", help="More timm model arguments, e.g. in_chans=1,patch_size=4,img_size=28 "
@@ -254,12 +254,12 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
               help="Classifier outputs (default: the model's own; a folder with more classes needs it).")
 @click.option("--init", default=None, help="Checkpoint to start from. MIA: a static one (default: the shipped "
               "vit_fmnist) or an MIA one of the same model, for a further stage.")
-@click.option("--teacher", default=None, help="MIA: static checkpoint distilled from (default: --init if static, "
+@click.option("--teacher", default=None, help="MIA, DynamicViT: static checkpoint distilled from (default: --init if static, "
               "else the shipped one).")
 @click.option("--kd-weight", type=Finite(min=0), default=1.0, show_default=True,
-              help="MIA: weight of the distillation loss.")
+              help="MIA, DynamicViT: weight of the logits distillation loss.")
 @click.option("--budget", type=Finite(0.05, 1.0), default=None,
-              help="MIA: target share of the static model's cost (MACs, or batch-1 time with --cost latency).")
+              help="MIA, DynamicViT: target share of the static model's cost (MACs, or batch-1 time with --cost latency).")
 @click.option("--cost", type=click.Choice(["macs", "latency"]), default="macs", show_default=True,
               help="MIA: what the budget and the reward count: MACs, or the batch-1 time predicted by a latency "
               "table measured on --device when the run starts (latency-aware controller).")
@@ -270,23 +270,32 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
 def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None, budget: float | None, cost: str,
               latency_table: str | None, rl_weight: float, flops_lambda: float, teacher: str | None, kd_weight: float,
               **kw: Any) -> None:
-    """Train a static ViT, or MIA-Former's controller and backbone (hybrid SL + RL)."""
+    """Train a static ViT, MIA-Former's controller and backbone (hybrid SL + RL), or DynamicViT's token scorers
+    and backbone, from a trained static ViT."""
     from miarobust.evaluator import resolve_device
     from miarobust.train.loop import TrainConfig
 
     resolve_device(kw["device"])
-    mia = model.startswith("mia_")
-    if mia and budget is None:
-        raise UserError("MIA-Former training needs --budget, the target share of the static model's cost "
-                        "(MACs, or batch-1 time with --cost latency), e.g. 0.7.")
-    if not mia and (budget is not None or teacher is not None or cost != "macs" or latency_table is not None):
-        raise UserError("--budget, --teacher, --cost and --latency-table apply to MIA-Former models (mia_*) only.")
+    if model.startswith("tome_"):
+        raise UserError(f"{model} is training-free: evaluate it with the static model's weights (`miarobust run --model "
+                        f"{model}`); its merge rate is --model-kwargs r=N.")
+    mia, dynamic = model.startswith("mia_"), model.startswith("dynamicvit_")
+    if (mia or dynamic) and budget is None:
+        raise UserError(f"{'MIA-Former' if mia else 'DynamicViT'} training needs --budget, the target share of the "
+                        "static model's cost (MACs, or batch-1 time with --cost latency for MIA-Former), e.g. 0.7.")
+    if not (mia or dynamic) and (budget is not None or teacher is not None):
+        raise UserError("--budget and --teacher apply to the adaptive models (mia_*, dynamicvit_*) only.")
+    if not mia and (cost != "macs" or latency_table is not None):
+        raise UserError("--cost and --latency-table apply to MIA-Former models (mia_*) only.")
     if latency_table is not None and cost != "latency":
         raise UserError("--latency-table is the table of --cost latency: add --cost latency, or leave it out.")
-    out = out or (f"runs/{model}-{'lat' if cost == 'latency' else 'b'}{budget:g}" if mia else f"runs/{model}")
-    cfg = TrainConfig(model=model, out=out, epochs=epochs or (4 if mia else 12), lr=lr or (5e-4 if mia else 1e-3),
-                      budget=budget, extra={"rl_weight": rl_weight, "flops_lambda": flops_lambda, "kd_weight": kd_weight, "teacher": teacher,
-                             "cost": cost, "latency_table": latency_table} if mia else {}, **kw)
+    adaptive = mia or dynamic
+    out = out or (f"runs/{model}-{'lat' if cost == 'latency' else 'b'}{budget:g}" if adaptive else f"runs/{model}")
+    extra = ({"rl_weight": rl_weight, "flops_lambda": flops_lambda, "kd_weight": kd_weight, "teacher": teacher,
+              "cost": cost, "latency_table": latency_table} if mia else
+             {"kd_weight": kd_weight, "teacher": teacher} if dynamic else {})
+    cfg = TrainConfig(model=model, out=out, epochs=epochs or (4 if adaptive else 12), lr=lr or (5e-4 if adaptive else 1e-3),
+                      budget=budget, extra=extra, **kw)
     from miarobust.results import missing_folders, remove_folders
 
     created = missing_folders(out)
@@ -295,6 +304,10 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
             from miarobust.train.mia import train_mia
 
             train_mia(cfg)
+        elif dynamic:
+            from miarobust.train.dynamicvit import train_dynamicvit
+
+            train_dynamicvit(cfg)
         else:
             from miarobust.train.static import train_static
 

@@ -139,3 +139,48 @@ def test_a_training_free_peer_runs_with_no_other_option(cli, tmp_path) -> None:
     assert s["gate_mode"] == "deterministic" and s["clean"]["acc"] > 0.5
     assert s["gmacs"]["clean_share_of_static"] == pytest.approx(0.635, abs=0.01)
     assert s["gmacs"]["adv_share_of_static"]["pgd"] == s["gmacs"]["clean_share_of_static"]  # fixed compute
+
+
+def test_dynamicvit_trains_from_a_static_checkpoint_and_runs_at_its_own_keep_ratio(cli, tmp_path) -> None:
+    """`miarobust train` on 256 synthetic images: the scorers move, the keep ratio the budget chose is saved with
+    them, and the evaluator runs the trained checkpoint at that ratio with no other option."""
+    import json
+
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from miarobust.models import create
+
+    r = cli("train", "--model", "dynamicvit_vit_fmnist", "--init", "vit_fmnist", "--data", "synthetic", "--epochs", "1",
+            "--batch-size", "64", "--budget", "0.5", "--out", str(tmp_path / "dyn"))
+    assert r.code == 0, r.err
+    log = pd.read_csv(tmp_path / "dyn" / "log.csv")
+    assert {"test_acc", "flops_ratio", "keep_ratio", "ratio_loss", "token_loss"} <= set(log.columns)
+    trained = load_file(str(tmp_path / "dyn" / "model.safetensors"))
+    from miarobust.train.dynamicvit import keep_ratio_for
+
+    fresh_model = create("dynamicvit_vit_fmnist", pretrained=False)
+    rho = keep_ratio_for(fresh_model, 0.5)  # the ratio whose MACs come closest to half the static model's
+    assert float(trained["controller.keep_ratio"]) == pytest.approx(rho) and rho != fresh_model.keep_ratio
+    share = log["flops_ratio"].iloc[-1]
+    assert share == pytest.approx(0.5, abs=0.02)
+    fresh = fresh_model.state_dict()
+    assert not torch.equal(trained["controller.0.out_conv.2.bias"], fresh["controller.0.out_conv.2.bias"])
+    model = create("dynamicvit_vit_fmnist", checkpoint=str(tmp_path / "dyn" / "model.safetensors"))
+    assert model.keep_ratio == pytest.approx(rho)  # read back from the checkpoint, not the constructor's 0.7
+    r = cli("run", "--model", "dynamicvit_vit_fmnist", "--checkpoint", str(tmp_path / "dyn" / "model.safetensors"),
+            "--data", "synthetic", "--n", "8", "--attack", "pgd", "--checks", "off", "--out", str(tmp_path / "runs"))
+    assert r.code == 0, r.err
+    (folder,) = (tmp_path / "runs").iterdir()
+    s = json.loads((folder / "summary.json").read_text())
+    assert s["gmacs"]["clean_share_of_static"] == pytest.approx(share, abs=1e-4)
+
+
+def test_training_refuses_what_a_family_does_not_train(cli, tmp_path) -> None:
+    r = cli("train", "--model", "tome_vit_fmnist", "--data", "synthetic", "--out", str(tmp_path / "t"))
+    assert r.code == 2 and "training-free" in r.err and not (tmp_path / "t").exists()
+    r = cli("train", "--model", "dynamicvit_vit_fmnist", "--data", "synthetic", "--out", str(tmp_path / "t"))
+    assert r.code == 2 and "--budget" in r.err
+    r = cli("train", "--model", "dynamicvit_vit_fmnist", "--budget", "0.6", "--cost", "latency", "--data", "synthetic",
+            "--out", str(tmp_path / "t"))
+    assert r.code == 2 and "MIA-Former" in r.err

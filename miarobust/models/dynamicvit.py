@@ -67,10 +67,12 @@ class TokenScorer(nn.Module):
 
 
 class DynamicRecord:
-    """The decisions of one forward: `keep` (B, stages, N) patch-token masks (cumulative) and `macs` (B,)."""
+    """The decisions of one forward: `macs` (B,); `keep` (B, stages, N) the patch tokens kept after each stage
+    (cumulative, bool); `decisions`: per stage (B, N) the 0/1 keep decisions as computed, with their gradient in
+    the masked forward (Gumbel or straight-through), for the ratio loss; empty in the gathered forward."""
 
-    def __init__(self, macs: torch.Tensor, keep: torch.Tensor | None, keep_prob: list[torch.Tensor]):
-        self.macs, self.keep, self.keep_prob = macs, keep, keep_prob
+    def __init__(self, macs: torch.Tensor, keep: torch.Tensor | None, decisions: list[torch.Tensor]):
+        self.macs, self.keep, self.decisions = macs, keep, decisions
 
 
 class DynamicViT(VisionTransformer):
@@ -98,8 +100,10 @@ class DynamicViT(VisionTransformer):
         self.prune_at = tuple(prune_at) if prune_at is not None else tuple(depth * s // 4 for s in (1, 2, 3))
         if sorted(set(self.prune_at)) != list(self.prune_at) or not all(0 < b < depth for b in self.prune_at):
             raise ValueError(f"prune_at must be increasing block indices in 1..{depth - 1}, not {self.prune_at}")
-        self.keep_ratio = keep_ratio
         self.controller = nn.ModuleList(TokenScorer(self.embed_dim) for _ in self.prune_at)
+        # the keep ratio is the scorers' setting: saved with them, so a checkpoint evaluates at the ratio it was
+        # trained for (a static checkpoint lacks it: the constructor's stays)
+        self.controller.register_buffer("keep_ratio", torch.tensor(float(keep_ratio)))
         self.gate_mode = GateMode.parse(gate_mode)
         self.straight_through = False
         self.last: DynamicRecord | None = None
@@ -107,6 +111,16 @@ class DynamicViT(VisionTransformer):
     def set_gate_mode(self, mode: str | GateMode) -> DynamicViT:
         self.gate_mode = GateMode.parse(mode)
         return self
+
+    @property
+    def keep_ratio(self) -> float:
+        return float(self.controller.keep_ratio)
+
+    @keep_ratio.setter
+    def keep_ratio(self, value: float) -> None:
+        if not 0 < value <= 1:
+            raise ValueError(f"keep_ratio must be in (0, 1], not {value}")
+        self.controller.keep_ratio.fill_(float(value))
 
     def kept_counts(self) -> list[int]:
         """Patch tokens kept after each stage: int(N rho^s), at least 1."""
@@ -148,7 +162,7 @@ class DynamicViT(VisionTransformer):
         """Every token computed; dropped tokens masked as attention keys; decisions carry gradients."""
         b, n = x.shape[0], x.shape[1] - 1
         policy = x.new_ones(b, n)
-        keeps, probs, counts = [], [], self.kept_counts()
+        keeps, decisions, counts = [], [], self.kept_counts()
         for i, blk in enumerate(self.blocks):
             if i in self.prune_at:
                 s = self.prune_at.index(i)
@@ -164,9 +178,9 @@ class DynamicViT(VisionTransformer):
                         hard = straight_through(hard, p_keep * policy)
                 policy = hard
                 keeps.append(policy.detach() > 0.5)
-                probs.append(p_keep * policy.detach())
+                decisions.append(policy)
             x = _masked_block(blk, x, torch.cat([policy.new_ones(b, 1), policy], 1))
-        self.last = DynamicRecord(x.new_full((b,), float(self.macs_per_image())), torch.stack(keeps, 1), probs)
+        self.last = DynamicRecord(x.new_full((b,), float(self.macs_per_image())), torch.stack(keeps, 1), decisions)
         return x
 
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:

@@ -107,24 +107,31 @@ def cost_ratio(cfg: TrainConfig, mia: torch.nn.Module, static: torch.nn.Module, 
     return table.ratio, table
 
 
-def train_mia(cfg: TrainConfig) -> None:
-    """Train `cfg.model` (an mia_* model) at cost budget `cfg.budget` from the checkpoint `cfg.init`."""
+def load_teacher(cfg: TrainConfig, static_name: str) -> tuple[torch.nn.Module, str]:
+    """The static teacher (`extra["teacher"]`, else a static `cfg.init`, else the shipped `static_name`) and the
+    checkpoint the student starts from (`cfg.init`, a static or an adaptive one, else the teacher's)."""
     from miarobust.models import create
-    from miarobust.models.flops import static_macs
     from miarobust.models.registry import read_state_dict, resolve_checkpoint, weights_file
 
-    torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
-    static_name = cfg.model.removeprefix("mia_")
     init_file = resolve_checkpoint(cfg.init) if cfg.init is not None else None  # a file or a shipped name
-    init_is_mia = init_file is not None and any(k.startswith("controller.") for k in read_state_dict(init_file))
-    teacher_file = cfg.extra.get("teacher") or (None if init_is_mia else init_file)
+    init_is_adaptive = init_file is not None and any(k.startswith("controller.") for k in read_state_dict(init_file))
+    teacher_file = cfg.extra.get("teacher") or (None if init_is_adaptive else init_file)
     if teacher_file is None and weights_file(static_name) is None:
         raise UserError(f"{cfg.model} trains from a trained {static_name}, which has no shipped weights: pass "
                         f"--init {static_name}.pth (a timm-format checkpoint), or --teacher with one.")
     # shipped static weights when None
-    teacher_backbone = create(static_name, checkpoint=teacher_file, num_classes=cfg.num_classes)
-    init = init_file or teacher_backbone.checkpoint
+    teacher = create(static_name, checkpoint=teacher_file, num_classes=cfg.num_classes)
+    return teacher, init_file or teacher.checkpoint
+
+
+def train_mia(cfg: TrainConfig) -> None:
+    """Train `cfg.model` (an mia_* model) at cost budget `cfg.budget` from the checkpoint `cfg.init`."""
+    from miarobust.models import create
+    from miarobust.models.flops import static_macs
+
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    teacher_backbone, init = load_teacher(cfg, cfg.model.removeprefix("mia_"))
     teacher = Normalized(teacher_backbone).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
