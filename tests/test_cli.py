@@ -99,7 +99,7 @@ def assert_user_error(r, out: Path, *needles: str) -> None:
     (["--n", "0"], ["--n"]),
     (["--norm", "L3"], ["--norm", "'L3' is not one of 'Linf', 'L2'"]),
     (["--attack", "fgsm", "--norm", "L2", "--eps", "0.5"], ["attack fgsm supports Linf only", "--norm"]),
-    (["--gate-mode", "stochastic"], ["--gate-mode applies to MIA-Former models only"]),
+    (["--gate-mode", "stochastic"], ["--gate-mode applies to input-adaptive models only"]),
     (["--model", "mia_vit_fmnist", "--gate-mode", "random"], ["unknown gate mode 'random'", "stochastic"]),
     (["--model", "mia_vit_fmnist", "--gate-mode", "gumbel"], ["gumbel", "is for training"]),
     (["--split", "val"], ["--split", "'val' is not one of"]),
