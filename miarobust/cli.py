@@ -225,7 +225,7 @@ def list_cmd(what: str) -> None:
 @click.option("--img-size", type=click.IntRange(min=8), default=None)
 @click.option("--num-classes", type=click.IntRange(min=1), default=None)
 def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None:
-    """Print the static model's GMACs per image (DeiT convention)."""
+    """Print the static model's GMACs per image (DeiT convention), and a fixed-compute peer's own."""
     from miarobust.models import create
     from miarobust.models.flops import VitDims, controller_macs, static_macs
 
@@ -237,6 +237,10 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
                f"({sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters)")
     if model.startswith("mia_"):
         click.echo(f"  controller: {dims.depth * controller_macs(dims) / 1e9:.5f} GMACs when every block runs its decision heads")
+    fixed = getattr(m, "macs_per_image", None)  # a fixed-compute peer: the same MACs on every image
+    if fixed is not None:
+        click.echo(f"  with its mechanism: {fixed() / 1e9:.4g} GMACs per image, {fixed() / static_macs(dims):.3f} of the "
+                   "static model's")
 
 
 @cli.command("train")

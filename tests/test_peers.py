@@ -184,3 +184,10 @@ def test_training_refuses_what_a_family_does_not_train(cli, tmp_path) -> None:
     r = cli("train", "--model", "dynamicvit_vit_fmnist", "--budget", "0.6", "--cost", "latency", "--data", "synthetic",
             "--out", str(tmp_path / "t"))
     assert r.code == 2 and "MIA-Former" in r.err
+
+
+def test_flops_prints_a_fixed_compute_peers_own_macs(cli) -> None:
+    r = cli("flops", "--model", "tome_deit_s")
+    assert r.code == 0 and "4.60 GMACs" in r.out and "2.706 GMACs per image, 0.588" in r.out
+    r = cli("flops", "--model", "dynamicvit_deit_s")
+    assert r.code == 0 and "2.981 GMACs per image" in r.out
