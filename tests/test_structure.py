@@ -88,3 +88,15 @@ def test_regress_does_not_import_report() -> None:
     g = graph()
     assert "miarobust.regress" in g
     assert not {m for m in reachable(g, "miarobust.regress") if m.startswith("miarobust.report")}
+
+
+def test_every_committed_report_is_made_from_committed_runs() -> None:
+    """A report under benchmarks/ names only run folders that results/ holds, so `miarobust report` rebuilds it."""
+    import pandas as pd
+
+    repo = ROOT.parent
+    reports = sorted((repo / "benchmarks").rglob("report.csv"))
+    committed = {p.parent.name for p in (repo / "results").rglob("config.json")}
+    for report in reports:
+        missing = set(pd.read_csv(report)["folder"]) - committed
+        assert not missing, f"{report} reports runs that results/ lacks: {sorted(missing)[:3]}"
