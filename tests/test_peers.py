@@ -1,4 +1,4 @@
-"""The dynamic-ViT peers (DynamicViT, ToMe): mechanism off is the static model, the MACs counter agrees with torch's
+"""The dynamic-ViT peers (DynamicViT, A-ViT, ToMe): mechanism off is the static model, the MACs counter agrees with torch's
 FlopCounterMode and with the papers' DeiT-S figures, fixed compute per image, the masked reference forward agrees
 with the fast one, and the evaluator runs them through the adaptive protocol alone."""
 
@@ -38,6 +38,7 @@ def counted_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
 @pytest.mark.parametrize("peer,static,off", [
     ("dynamicvit_vit_fmnist", "vit_fmnist", {"keep_ratio": 1.0}),
     ("tome_vit_fmnist", "vit_fmnist", {"r": 0}),
+    ("avit_vit_fmnist", "vit_fmnist", {"beta": -30.0}),  # halting scores ~1e-13: no token halts
     ("dynamicvit_deit_s", "deit_s", {"keep_ratio": 1.0, **SMALL_DEIT}),
     ("tome_deit_s", "deit_s", {"r": 0, **SMALL_DEIT}),
 ])
@@ -48,7 +49,7 @@ def test_mechanism_off_is_the_static_model(peer: str, static: str, off: dict) ->
         want = base(x)
         assert torch.equal(model.set_gate_mode("full")(x), want)  # the full mode is timm's own forward
         off_model = timm.create_model(peer, **off).eval()
-        off_model.load_state_dict(model.state_dict())
+        off_model.load_state_dict(base.state_dict(), strict=False)  # a saved keep ratio would override `off`
         assert (off_model(x) - want).abs().max().item() <= 1e-5
     off_model.straight_through = True  # the masked reference forward, too
     assert (off_model(x) - want).abs().max().item() <= 1e-5
@@ -100,6 +101,31 @@ def test_dynamicvit_masked_reference_agrees_with_the_gathered_forward_and_steers
     assert (counts == torch.tensor(model.kept_counts())).all()
 
 
+def test_avit_halts_per_image_counts_what_runs_and_steers_halting_through_straight_through() -> None:
+    """Variable compute: each image's MACs are what its batch-1 forward executes (FlopCounterMode), they differ
+    between images, the masked reference forward gives the same outputs, and under straight-through the MACs
+    carry a gradient to the input (what a slowdown attack follows)."""
+    from miarobust.models import create
+
+    base = create("vit_fmnist")  # the shipped weights: the halting channel as trained, not a random draw
+    torch.manual_seed(4)
+    model = timm.create_model("avit_vit_fmnist", beta=-1.0, gamma=2.0).eval()  # 0.77-0.82 of the MACs here
+    model.load_state_dict(base.state_dict(), strict=False)
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        out = model(x)
+        macs = model.last.macs.clone()
+    assert len(set(macs.tolist())) > 1 and (macs < static_macs(VitDims.of(model))).all()
+    for i in range(len(x)):
+        assert counted_macs(model, x[i : i + 1]) == pytest.approx(float(macs[i]), rel=1e-6)
+    model.straight_through = True
+    xr = x.clone().requires_grad_(True)
+    ref = model(xr)
+    assert (ref - out).abs().max().item() <= 1e-5 and torch.equal(model.last.macs.detach(), macs)
+    (grad,) = torch.autograd.grad(model.last.macs.sum(), xr)
+    assert grad.abs().sum() > 0
+
+
 def test_tome_merges_sizes_and_keeps_the_class_token_first() -> None:
     from miarobust.models.tome import bipartite_merge
 
@@ -118,7 +144,7 @@ def test_tome_merges_sizes_and_keeps_the_class_token_first() -> None:
 
 
 def test_the_protocol_finds_the_peers_and_refuses_modes_they_lack(cli, tmp_path) -> None:
-    for name in ("dynamicvit_vit_fmnist", "tome_vit_fmnist", "mia_vit_fmnist"):
+    for name in ("dynamicvit_vit_fmnist", "avit_vit_fmnist", "tome_vit_fmnist", "mia_vit_fmnist"):
         assert isinstance(timm.create_model(name), AdaptiveViT)
     assert adaptive_core(timm.create_model("vit_fmnist")) is None
     r = cli("run", "--model", "tome_vit_fmnist", "--gate-mode", "stochastic", "--n", "4", "--out", str(tmp_path))

@@ -114,7 +114,7 @@ class DynamicViT(VisionTransformer):
 
     @property
     def keep_ratio(self) -> float:
-        return float(self.controller.keep_ratio)
+        return round(float(self.controller.keep_ratio), 4)  # the buffer's float32 (or bf16) rounding undone
 
     @keep_ratio.setter
     def keep_ratio(self, value: float) -> None:
@@ -125,7 +125,8 @@ class DynamicViT(VisionTransformer):
     def kept_counts(self) -> list[int]:
         """Patch tokens kept after each stage: int(N rho^s), at least 1."""
         n = self.patch_embed.num_patches
-        return [max(1, int(n * self.keep_ratio ** (s + 1))) for s in range(len(self.prune_at))]
+        rho = self.keep_ratio
+        return [max(1, int(n * rho ** (s + 1) + 1e-9)) for s in range(len(self.prune_at))]
 
     def macs_per_image(self, full: bool = False, scorers: bool = True) -> int:
         """MACs of one image: patch embedding, every block on its stage's tokens, the scorers (unless `scorers` is
