@@ -97,7 +97,9 @@ class DynamicViT(VisionTransformer):
         if not 0 < keep_ratio <= 1:
             raise ValueError(f"keep_ratio must be in (0, 1], not {keep_ratio}")
         depth = len(self.blocks)
-        self.prune_at = tuple(prune_at) if prune_at is not None else tuple(depth * s // 4 for s in (1, 2, 3))
+        # the paper's three stages at a quarter, half and three quarters of the depth (fewer in a shallower ViT)
+        default = tuple(sorted({depth * s // 4 for s in (1, 2, 3)} - {0}))
+        self.prune_at = tuple(prune_at) if prune_at is not None else default
         if sorted(set(self.prune_at)) != list(self.prune_at) or not all(0 < b < depth for b in self.prune_at):
             raise ValueError(f"prune_at must be increasing block indices in 1..{depth - 1}, not {self.prune_at}")
         self.controller = nn.ModuleList(TokenScorer(self.embed_dim) for _ in self.prune_at)
