@@ -283,7 +283,13 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
     if model.startswith("tome_"):
         raise UserError(f"{model} is training-free: evaluate it with the static model's weights (`miarobust run --model "
                         f"{model}`); its merge rate is --model-kwargs r=N.")
-    mia, dynamic = model.startswith("mia_"), model.startswith("dynamicvit_")
+    if model.startswith("avit_"):
+        raise UserError(f"{model}'s halting training (ponder loss, depth prior) is not built yet: evaluate an A-ViT "
+                        "checkpoint trained elsewhere with --checkpoint.")
+    if model.startswith("adavit_") and rl_weight:
+        click.echo("AdaViT trains without MIA-Former's reinforcement-learning half: --rl-weight 0", err=True)
+        rl_weight = 0.0
+    mia, dynamic = model.startswith(("mia_", "adavit_")), model.startswith("dynamicvit_")
     if (mia or dynamic) and budget is None:
         raise UserError(f"{'MIA-Former' if mia else 'DynamicViT'} training needs --budget, the target share of the "
                         "static model's cost (MACs, or batch-1 time with --cost latency for MIA-Former), e.g. 0.7.")

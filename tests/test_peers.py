@@ -1,8 +1,10 @@
-"""The dynamic-ViT peers (DynamicViT, A-ViT, ToMe): mechanism off is the static model, the MACs counter agrees with torch's
+"""The dynamic-ViT peers (DynamicViT, A-ViT, AdaViT, ToMe): mechanism off is the static model, the MACs counter agrees with torch's
 FlopCounterMode and with the papers' DeiT-S figures, fixed compute per image, the masked reference forward agrees
 with the fast one, and the evaluator runs them through the adaptive protocol alone."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import timm
@@ -144,7 +146,7 @@ def test_tome_merges_sizes_and_keeps_the_class_token_first() -> None:
 
 
 def test_the_protocol_finds_the_peers_and_refuses_modes_they_lack(cli, tmp_path) -> None:
-    for name in ("dynamicvit_vit_fmnist", "avit_vit_fmnist", "tome_vit_fmnist", "mia_vit_fmnist"):
+    for name in ("dynamicvit_vit_fmnist", "avit_vit_fmnist", "adavit_vit_fmnist", "tome_vit_fmnist", "mia_vit_fmnist"):
         assert isinstance(timm.create_model(name), AdaptiveViT)
     assert adaptive_core(timm.create_model("vit_fmnist")) is None
     r = cli("run", "--model", "tome_vit_fmnist", "--gate-mode", "stochastic", "--n", "4", "--out", str(tmp_path))
@@ -217,3 +219,24 @@ def test_flops_prints_a_fixed_compute_peers_own_macs(cli) -> None:
     assert r.code == 0 and "4.60 GMACs" in r.out and "2.706 GMACs per image, 0.588" in r.out
     r = cli("flops", "--model", "dynamicvit_deit_s")
     assert r.code == 0 and "2.981 GMACs per image" in r.out
+
+
+def test_adavit_is_mia_formers_mechanism_trained_without_rl(cli, tmp_path) -> None:
+    import pandas as pd
+
+    from miarobust.models.adavit import AdaViT
+    from miarobust.models.mia_former import MIAFormer
+
+    model = timm.create_model("adavit_vit_fmnist")
+    assert isinstance(model, MIAFormer) and isinstance(model, AdaViT) and "stochastic" not in [m.value for m in model.GATE_MODES]
+    r = cli("train", "--model", "adavit_vit_fmnist", "--init", "vit_fmnist", "--data", "synthetic", "--epochs", "1",
+            "--batch-size", "64", "--budget", "0.6", "--out", str(tmp_path / "ada"))
+    assert r.code == 0, r.err
+    assert "--rl-weight 0" in r.err
+    config = json.loads((tmp_path / "ada" / "config.json").read_text())
+    assert config["extra"]["rl_weight"] == 0.0 and "reward" not in pd.read_csv(tmp_path / "ada" / "log.csv").columns
+    r = cli("run", "--model", "adavit_vit_fmnist", "--checkpoint", str(tmp_path / "ada" / "model.safetensors"),
+            "--gate-mode", "stochastic", "--n", "4", "--out", str(tmp_path / "runs"))
+    assert r.code == 2 and "no gate mode 'stochastic'" in r.err
+    r = cli("train", "--model", "avit_vit_fmnist", "--budget", "0.6", "--data", "synthetic", "--out", str(tmp_path / "a"))
+    assert r.code == 2 and "not built yet" in r.err and not (tmp_path / "a").exists()

@@ -26,9 +26,10 @@ STATIC_MODELS = ("vit_fmnist", "deit_t", "deit_s", "deit_b")
 MIA_MODELS = ("mia_vit_fmnist", "mia_deit_t", "mia_deit_s", "mia_deit_b")
 PEER_MODELS = ("dynamicvit_vit_fmnist", "dynamicvit_deit_t", "dynamicvit_deit_s", "dynamicvit_deit_b",
                "avit_vit_fmnist", "avit_deit_t", "avit_deit_s", "avit_deit_b",
+               "adavit_vit_fmnist", "adavit_deit_t", "adavit_deit_s", "adavit_deit_b",
                "tome_vit_fmnist", "tome_deit_t", "tome_deit_s", "tome_deit_b")
 FAMILIES = {"static ViT": STATIC_MODELS, "MIA-Former": MIA_MODELS, "DynamicViT": PEER_MODELS[:4],
-            "A-ViT": PEER_MODELS[4:8], "ToMe": PEER_MODELS[8:]}
+            "A-ViT": PEER_MODELS[4:8], "AdaViT": PEER_MODELS[8:12], "ToMe": PEER_MODELS[12:]}
 
 
 def model_names() -> list[str]:
@@ -112,7 +113,7 @@ TIMM_NAMES = {"deit_t": "deit_tiny_patch16_224", "deit_s": "deit_small_patch16_2
 
 def how_to_get(name: str) -> str:
     """One sentence on getting weights for model `name` (timm's, for the DeiTs)."""
-    base = re.sub(r"^(mia|dynamicvit|avit|tome)_", "", name)
+    base = re.sub(r"^(mia|dynamicvit|avit|adavit|tome)_", "", name)
     if base in TIMM_NAMES:
         return (f"timm's {TIMM_NAMES[base]} weights fit: on a machine with internet, python -c \"import timm, torch; "
                 f"torch.save(timm.create_model('{TIMM_NAMES[base]}', pretrained=True).state_dict(), '{base}.pth')\", "

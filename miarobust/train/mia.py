@@ -125,13 +125,14 @@ def load_teacher(cfg: TrainConfig, static_name: str) -> tuple[torch.nn.Module, s
 
 
 def train_mia(cfg: TrainConfig) -> None:
-    """Train `cfg.model` (an mia_* model) at cost budget `cfg.budget` from the checkpoint `cfg.init`."""
+    """Train `cfg.model` (an mia_* model, or an adavit_* one: the same without RL) at cost budget `cfg.budget` from
+    the checkpoint `cfg.init`."""
     from miarobust.models import create
     from miarobust.models.flops import static_macs
 
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    teacher_backbone, init = load_teacher(cfg, cfg.model.removeprefix("mia_"))
+    teacher_backbone, init = load_teacher(cfg, cfg.model.removeprefix("mia_").removeprefix("adavit_"))
     teacher = Normalized(teacher_backbone).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
