@@ -165,7 +165,7 @@ def test_a_training_free_peer_runs_with_no_other_option(cli, tmp_path) -> None:
     (folder,) = tmp_path.iterdir()
     s = json.loads((folder / "summary.json").read_text())
     assert s["gate_mode"] == "deterministic" and s["clean"]["acc"] > 0.5
-    assert s["gmacs"]["clean_share_of_static"] == pytest.approx(0.635, abs=0.01)
+    assert s["gmacs"]["clean_share_of_static"] == pytest.approx(0.627, abs=0.002)
     assert s["gmacs"]["adv_share_of_static"]["pgd"] == s["gmacs"]["clean_share_of_static"]  # fixed compute
 
 

@@ -169,6 +169,6 @@ def tome_deit_b(pretrained: bool = False, **kwargs: Any) -> ToMe:
 
 @register_model
 def tome_vit_fmnist(pretrained: bool = False, **kwargs: Any) -> ToMe:
-    """ToMe on vit_fmnist with its shipped static weights (training-free); r = 6 per block by default (0.64 of the
+    """ToMe on vit_fmnist with its shipped static weights (training-free); r = 6 per block by default (0.63 of the
     static model's MACs), `--model-kwargs r=8` for 0.52."""
     return _tome("tome_vit_fmnist", "vit_fmnist", fmnist_cfg("vit_fmnist.safetensors"), pretrained, {"r": 6, **kwargs})
