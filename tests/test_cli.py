@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from conftest import TINY, files_under, run_subprocess
 
@@ -440,11 +441,41 @@ def test_own_deit_variant_is_read_from_its_checkpoint(cli, tmp_path, suffix):
             assert_user_error(r, out, "outputs 1000 classes but embedded has 10", "trained")
 
 
+def test_timm_weights_load_from_a_planted_hub_cache_and_are_refused_in_one_line_without(cli, tmp_path, monkeypatch):
+    """`--checkpoint timm:NAME` reads timm's pretrained weights where timm keeps them, the Hugging Face cache
+    (planted here: no network); with no cache and no network, one line says how to fetch them."""
+    from safetensors.torch import save_file
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    r = cli("run", "--model", "deit_t", "--checkpoint", "timm:deit_tiny_patch16_224", "--data", "synthetic", "--n", "2",
+            "--attack", "none", "--out", str(out))
+    assert_user_error(r, out, "not in the Hugging Face cache", "pretrained=True", "models--timm--deit_tiny_patch16_224")
+    r = cli("run", "--model", "deit_t", "--checkpoint", "timm:no_such_model", "--out", str(out))
+    assert_user_error(r, out, "timm has no pretrained weights named 'no_such_model'")
+    torch.manual_seed(0)
+    weights = timm.create_model("deit_tiny_patch16_224").state_dict()  # timm's own model and key names
+    snapshot = cache / "models--timm--deit_tiny_patch16_224.fb_in1k" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(snapshot / "model.safetensors"))
+    (cache / "models--timm--deit_tiny_patch16_224.fb_in1k" / "refs").mkdir()
+    (cache / "models--timm--deit_tiny_patch16_224.fb_in1k" / "refs" / "main").write_text("0123abcd")
+    r = cli("run", "--model", "mia_deit_t", "--checkpoint", "timm:deit_tiny_patch16_224", "--data", "synthetic", "--n",
+            "2", "--attack", "none", "--checks", "off", "--out", str(out))
+    assert r.code == 0, r.err
+    (folder,) = out.iterdir()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["checkpoint"] == str(snapshot / "model.safetensors")
+    assert config["requested"]["checkpoint"] == "timm:deit_tiny_patch16_224"
+
+
 def test_model_kwargs_and_weight_messages(cli, tmp_path):
     out = tmp_path / "out"
     assert_user_error(cli("run", *TINY, "--model-kwargs", "in_chans", "--out", str(out)), out, "is not NAME=VALUE")
     r = cli("run", "--model", "deit_s", "--n", "2", "--out", str(out))
-    assert_user_error(r, out, "no shipped weights", "deit_small_patch16_224", "state_dict()", "--checkpoint deit_s.pth")
+    assert_user_error(r, out, "no shipped weights", "--checkpoint timm:deit_small_patch16_224", "pretrained=True")
     whole = tmp_path / "whole.pth"
     torch.save(torch.nn.Linear(2, 2), whole)  # a whole module, not its state dict
     assert_user_error(cli("run", *TINY, "--checkpoint", str(whole), "--out", str(out)), out,

@@ -51,11 +51,51 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike[str]) -> str:
-    """The file of `checkpoint`: a path, or the name of a shipped checkpoint (a file of that name wins)."""
+    """The file of `checkpoint`: a path, `timm:NAME` (timm's pretrained weights from the Hugging Face cache), or the
+    name of a shipped checkpoint (a file of that name wins)."""
     text = str(checkpoint)
+    if text.startswith("timm:"):
+        return timm_weights(text.removeprefix("timm:"))
     if text not in shipped_names() or Path(text).expanduser().exists():
         return text
     return shipped_checkpoint(f"{text}.safetensors")
+
+
+def hub_cache() -> str:
+    """The Hugging Face hub cache folder, read from the environment at call time (HF_HUB_CACHE, HF_HOME)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return constants.HF_HUB_CACHE
+
+
+def timm_weights(name: str) -> str:
+    """The file of timm's pretrained weights `name` (e.g. deit_small_patch16_224, or with a tag: .fb_in1k): from
+    the Hugging Face cache where timm keeps them, else downloaded; a UserError saying how to get them offline."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except (RuntimeError, ValueError):
+        cfg = None
+    if cfg is None or not getattr(cfg, "hf_hub_id", None):
+        raise UserError(f"timm has no pretrained weights named '{name}': use a name of timm.list_pretrained(), e.g. "
+                        "timm:deit_small_patch16_224.")
+    repo, cache = cfg.hf_hub_id, hub_cache()
+    for filename in ("model.safetensors", "pytorch_model.bin"):  # the files timm's own loader tries
+        found = try_to_load_from_cache(repo, filename, cache_dir=cache)
+        if isinstance(found, str):
+            return found
+    try:
+        return hf_hub_download(repo, "model.safetensors", cache_dir=cache)
+    except Exception:  # noqa: BLE001  (offline, no such file, a proxy error: each means "not here")
+        folder = "models--" + repo.replace("/", "--")
+        raise UserError(f"timm's {name} weights are not in the Hugging Face cache ({cache}) and cannot be downloaded "
+                        f"here: on a machine with internet run python -c \"import timm; timm.create_model('{name}', "
+                        f"pretrained=True)\" and copy its cache folder {folder} into {cache}.") from None
 
 
 def _default_weights(model: torch.nn.Module) -> str | None:
@@ -115,9 +155,9 @@ def how_to_get(name: str) -> str:
     """One sentence on getting weights for model `name` (timm's, for the DeiTs)."""
     base = re.sub(r"^(mia|dynamicvit|avit|adavit|tome)_", "", name)
     if base in TIMM_NAMES:
-        return (f"timm's {TIMM_NAMES[base]} weights fit: on a machine with internet, python -c \"import timm, torch; "
-                f"torch.save(timm.create_model('{TIMM_NAMES[base]}', pretrained=True).state_dict(), '{base}.pth')\", "
-                f"then --checkpoint {base}.pth")
+        return (f"timm's {TIMM_NAMES[base]} weights fit: --checkpoint timm:{TIMM_NAMES[base]} reads them from the "
+                f"Hugging Face cache (fetched once on a machine with internet by python -c \"import timm; "
+                f"timm.create_model('{TIMM_NAMES[base]}', pretrained=True)\")")
     if name.startswith("dynamicvit_"):
         return "its token scorers need training: pass a checkpoint of it (a static one leaves them untrained)"
     if name.startswith("avit_"):
