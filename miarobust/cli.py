@@ -254,6 +254,8 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
 @click.option("--lr", type=Finite(min=0, min_open=True), default=None, help="Default 1e-3 (static) / 5e-4 backbone, 10x for the controller (MIA).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None,
+              help="Mixed precision of the training steps (default: bf16 on CUDA, off on the CPU; fp16 needs CUDA).")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None,
               help="Classifier outputs (default: the model's own; a folder with more classes needs it).")
 @click.option("--init", default=None, help="Checkpoint to start from. MIA: a static one (default: the shipped "
@@ -277,9 +279,9 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
     """Train a static ViT, MIA-Former's controller and backbone (hybrid SL + RL), or DynamicViT's token scorers
     and backbone, from a trained static ViT."""
     from miarobust.evaluator import resolve_device
-    from miarobust.train.loop import TrainConfig
+    from miarobust.train.loop import TrainConfig, resolve_amp
 
-    resolve_device(kw["device"])
+    kw["amp"] = resolve_amp(kw["amp"], resolve_device(kw["device"]))
     if model.startswith("tome_"):
         raise UserError(f"{model} is training-free: evaluate it with the static model's weights (`miarobust run --model "
                         f"{model}`); its merge rate is --model-kwargs r=N.")

@@ -132,3 +132,24 @@ def test_a_failed_train_leaves_a_sibling_run_alone(cli, tmp_path, monkeypatch) -
     with pytest.raises(RuntimeError, match="out of memory"):  # not a user error: it propagates
         cli("train", "--model", "vit_fmnist", "--data", "synthetic", "--epochs", "1", "--out", str(sweep / "b"))
     assert (sweep / "a" / "state.pt").is_file() and not (sweep / "b").exists()
+
+
+def test_mixed_precision_training_on_the_cpu(cli, tmp_path) -> None:
+    """--amp bf16 trains an MIA model through autocast on the CPU (the MACs budget still counted in fp32) and
+    resumes; fp16, which needs CUDA's gradient scaler, is refused in one line."""
+    common = ["train", "--model", "mia_vit_fmnist", "--init", "vit_fmnist", "--data", "synthetic", "--batch-size", "64",
+              "--budget", "0.6", "--amp", "bf16", "--out", str(tmp_path / "bf16")]
+    r = cli(*common, "--epochs", "1")
+    assert r.code == 0, r.err
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["amp"] == "bf16"
+    log = pd.read_csv(tmp_path / "bf16" / "log.csv")
+    assert log["loss"].notna().all() and 0.3 < log["train_ratio"].iloc[0] < 1.0
+    assert load_file(str(tmp_path / "bf16" / "model.safetensors"))["controller.0.cls.bias"].dtype == torch.float32
+    r = cli(*common, "--epochs", "2")  # resumes after epoch 1
+    assert r.code == 0, r.err
+    assert len(pd.read_csv(tmp_path / "bf16" / "log.csv")) == 2
+    r = cli("train", "--model", "vit_fmnist", "--data", "synthetic", "--amp", "fp16", "--out", str(tmp_path / "fp16"))
+    assert r.code == 2 and "fp16 is for CUDA" in r.err and not (tmp_path / "fp16").exists()
+    r = cli("train", "--model", "vit_fmnist", "--data", "synthetic", "--epochs", "1", "--batch-size", "64",
+            "--out", str(tmp_path / "cpu"))
+    assert r.code == 0 and json.loads((tmp_path / "cpu" / "config.json").read_text())["amp"] == "off"  # the CPU default

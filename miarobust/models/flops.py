@@ -78,6 +78,7 @@ def mia_macs(dims: VitDims, blocks: torch.Tensor, heads: torch.Tensor, tokens: t
     blocks: (B, L) block gates; heads: (B, L, H) head gates; tokens: (B, L, N) token gates, prefix tokens
     included (always 1). Heads and tokens of a skipped block do not count. Returns (B,) float MACs.
     """
+    blocks, heads, tokens = blocks.float(), heads.float(), tokens.float()  # counts up to 1e10: never in bf16
     n = tokens.sum(-1)
     h = heads.sum(-1)
     per_block = blocks * block_macs(dims, n, h)

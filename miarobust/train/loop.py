@@ -51,6 +51,7 @@ class TrainConfig:
     init: str | None = None
     num_classes: int | None = None  # None: the model's own (10 for the Fashion-MNIST models, 1000 for DeiT)
     budget: float | None = None
+    amp: str = "off"  # "bf16" | "fp16" | "off": autocast precision of the training steps (resolve_amp)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -110,6 +111,20 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def resolve_amp(amp: str | None, device: torch.device) -> str:
+    """The precision `--amp` asks for on `device`: None means bf16 on CUDA, off elsewhere; fp16 needs CUDA."""
+    if amp is None:
+        return "bf16" if device.type == "cuda" else "off"
+    if amp not in AMP_DTYPES:
+        raise UserError(f"--amp {amp}: use bf16, fp16 or off.")
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 is for CUDA (with a gradient scaler): use bf16 or off on the CPU.")
+    return amp
+
+
 def fit(
     cfg: TrainConfig,
     model: torch.nn.Module,
@@ -132,7 +147,10 @@ def fit(
     classes, outputs = getattr(train_set, "num_classes", None), getattr(model, "num_classes", None)
     if classes is not None and outputs is not None and classes > outputs:
         raise UserError(f"{cfg.data} has {classes} classes but {cfg.model} outputs {outputs}: pass --num-classes {classes}.")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fused = device.type == "cuda"  # AdamW's fused kernel where there is one
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
+    amp = AMP_DTYPES[resolve_amp(cfg.amp, device)]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     flat = [p for g in opt.param_groups for p in g["params"]]
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
@@ -146,6 +164,8 @@ def fit(
             model.load_state_dict(state["model"], strict=True)
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
+            if "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
             start = int(state["epoch"])
             if carried is not None:
                 carried.update(state.get("carried", {}))
@@ -167,11 +187,14 @@ def fit(
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
         for x, y in bar:
             x, y = (augment(x, gen) if cfg.augment else x).to(device), y.to(device)
-            loss, metrics = step(x, y)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss, metrics = step(x, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)  # clip the true gradients (a no-op without fp16)
             torch.nn.utils.clip_grad_norm_(flat, 5.0)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * len(y)
@@ -189,7 +212,7 @@ def fit(
         write_csv(out / "log.csv", frame)
         buf = io.BytesIO()
         torch.save({"model": weights, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
-                    "carried": dict(carried or {})}, buf)
+                    "carried": dict(carried or {}), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}, buf)
         write_bytes(state_file, buf.getvalue())
         plot_curves(frame, out / "curves.png", f"{cfg.model} on {cfg.data}")
     return pd.DataFrame(rows)
