@@ -308,31 +308,37 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
              {"kd_weight": kd_weight, "teacher": teacher} if dynamic else {})
     cfg = TrainConfig(model=model, out=out, epochs=epochs or (4 if adaptive else 12), lr=lr or (5e-4 if adaptive else 1e-3),
                       budget=budget, extra=extra, **kw)
+    from miarobust.distributed import distributed_context
     from miarobust.results import missing_folders, remove_folders
 
     created = missing_folders(out)
-    try:
-        if mia:
-            from miarobust.train.mia import train_mia
+    with distributed_context(cfg) as (rank, world):  # under torchrun: one rank per process, train/ranks.py
+        try:
+            if mia:
+                from miarobust.train.mia import train_mia
 
-            train_mia(cfg)
-        elif dynamic:
-            from miarobust.train.dynamicvit import train_dynamicvit
+                train_mia(cfg)
+            elif dynamic:
+                from miarobust.train.dynamicvit import train_dynamicvit
 
-            train_dynamicvit(cfg)
-        else:
-            from miarobust.train.static import train_static
+                train_dynamicvit(cfg)
+            else:
+                from miarobust.train.static import train_static
 
-            train_static(cfg)
-    except BaseException as e:
-        unfinished = bool(created) and not (Path(out) / "state.pt").exists()  # no epoch finished: nothing to resume
-        if unfinished:
-            remove_folders(created)
-        if not isinstance(e, KeyboardInterrupt):
-            raise
-        click.echo("interrupted before the first epoch finished: nothing was kept." if unfinished else
-                   f"interrupted: finished epochs are kept in {out}; run the same command again to resume.", err=True)
-        sys.exit(130)
+                train_static(cfg)
+        except BaseException as e:
+            unfinished = bool(created) and not (Path(out) / "state.pt").exists()  # no epoch finished: nothing to resume
+            if unfinished and rank == 0:
+                remove_folders(created)
+            if not isinstance(e, KeyboardInterrupt):
+                raise
+            if rank == 0:
+                click.echo("interrupted before the first epoch finished: nothing was kept." if unfinished else
+                           f"interrupted: finished epochs are kept in {out}; run the same command again to resume.",
+                           err=True)
+            sys.exit(130)
+    if rank != 0:
+        return
     click.echo(f"done: weights in {out}/model.safetensors, log in {out}/log.csv, curves in {out}/curves.png")
 
 

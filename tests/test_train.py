@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 import torch
+from conftest import subprocess_env
 from safetensors.torch import load_file
 
 from miarobust.models import create
@@ -153,3 +156,35 @@ def test_mixed_precision_training_on_the_cpu(cli, tmp_path) -> None:
     r = cli("train", "--model", "vit_fmnist", "--data", "synthetic", "--epochs", "1", "--batch-size", "64",
             "--out", str(tmp_path / "cpu"))
     assert r.code == 0 and json.loads((tmp_path / "cpu" / "config.json").read_text())["amp"] == "off"  # the CPU default
+
+
+def torchrun_train(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "-m", "miarobust", "train", *args], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=600)
+
+
+def test_two_ranks_train_what_one_process_trains_with_the_doubled_batch_and_resume_on_one(cli, tmp_path) -> None:
+    """MIA-Former (Gumbel and Bernoulli draws, budget penalty, REINFORCE baseline): 2 gloo ranks at batch 32 give the
+    weights and log of one process at batch 64 (4 steps an epoch), to float rounding (1e-4); a run of 2 ranks
+    resumed by one process at the same global batch ends with the uninterrupted run's log."""
+    common = ["--model", "mia_vit_fmnist", "--init", "vit_fmnist", "--data", "synthetic", "--budget", "0.6"]
+    p = torchrun_train(*common, "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path / "ranks"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = cli("train", *common, "--epochs", "1", "--batch-size", "64", "--out", str(tmp_path / "one"))
+    assert r.code == 0, r.err
+    a, b = load_file(str(tmp_path / "ranks" / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-4, worst
+    assert json.loads((tmp_path / "ranks" / "config.json").read_text())["ranks"] == 2
+    log_a, log_b = pd.read_csv(tmp_path / "ranks" / "log.csv"), pd.read_csv(tmp_path / "one" / "log.csv")
+    pd.testing.assert_frame_equal(log_a, log_b, atol=1e-4, rtol=0)
+    # resume the two-rank run on one rank (the same global batch), against one process throughout
+    r = cli("train", *common, "--epochs", "2", "--batch-size", "64", "--out", str(tmp_path / "ranks"))
+    assert r.code == 0, r.err
+    r = cli("train", *common, "--epochs", "2", "--batch-size", "64", "--out", str(tmp_path / "one"))
+    assert r.code == 0, r.err
+    log_a, log_b = pd.read_csv(tmp_path / "ranks" / "log.csv"), pd.read_csv(tmp_path / "one" / "log.csv")
+    assert len(log_a) == 2
+    pd.testing.assert_frame_equal(log_a, log_b, atol=1e-4, rtol=0)

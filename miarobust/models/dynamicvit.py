@@ -32,7 +32,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from miarobust.models.flops import VitDims, block_macs
-from miarobust.models.gates import GateMode, straight_through
+from miarobust.models.gates import GateMode, straight_through, uniform_like
 from miarobust.models.vit import ARCHS, create_vit, fmnist_cfg, imagenet_cfg
 
 
@@ -172,7 +172,7 @@ class DynamicViT(VisionTransformer):
                 logp = self.controller[s](x[:, 1:], policy[..., None])
                 p_keep = logp[..., 0].exp()
                 if self.gate_mode is GateMode.GUMBEL:
-                    hard = F.gumbel_softmax(logp, hard=True)[..., 0] * policy
+                    hard = _gumbel_keep(logp) * policy
                 else:
                     score = logp[..., 0].masked_fill(policy.detach() == 0, float("-inf"))
                     top = score.topk(counts[s], dim=1).indices
@@ -203,6 +203,14 @@ class DynamicViT(VisionTransformer):
             x = blk(x)
         self.last = DynamicRecord(x.new_full((b,), float(self.macs_per_image())), torch.stack(keeps, 1), [])
         return x
+
+
+def _gumbel_keep(logp: torch.Tensor) -> torch.Tensor:
+    """Hard Gumbel-softmax keep decisions from (B, N, 2) log-probabilities, straight-through: the draws of
+    gates.uniform_like, so ranks of a distributed training draw what one process draws."""
+    u = uniform_like(logp).clamp(1e-10, 1 - 1e-10)
+    soft = (logp - (-u.log()).log()).softmax(-1)[..., 0]
+    return straight_through((soft.detach() > 0.5).to(soft.dtype), soft)
 
 
 def _masked_block(blk: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

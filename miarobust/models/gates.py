@@ -16,6 +16,8 @@ their probability (Bengio et al. 2013, BPDA of Athalye et al. 2018), so an attac
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from enum import Enum
 from functools import cached_property
 
@@ -44,6 +46,30 @@ class GateMode(str, Enum):
             raise UserError(f"unknown gate mode '{value}': use one of {modes} ('gumbel' in training).") from None
 
 
+# (rank, world) while a distributed training step runs (train/ranks.py): random draws are the global batch's
+_shard: tuple[int, int] = (0, 1)
+
+
+@contextlib.contextmanager
+def sharded(r: int, w: int) -> Iterator[None]:
+    """Within the block, random draws of a batch dimension are those of the global batch's shard r of w."""
+    global _shard
+    before, _shard = _shard, (r, w)
+    try:
+        yield
+    finally:
+        _shard = before
+
+
+def uniform_like(t: torch.Tensor) -> torch.Tensor:
+    """torch.rand_like(t) for this rank's shard of the global batch: the global draw, sliced (dim 0 is the batch)."""
+    r, w = _shard
+    if w == 1:
+        return torch.rand_like(t)
+    full = torch.rand((t.shape[0] * w, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    return full[r * t.shape[0] : (r + 1) * t.shape[0]]
+
+
 def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     """`hard` in the forward pass, the gradient of `soft` in the backward pass."""
     return hard + soft - soft.detach()
@@ -58,10 +84,10 @@ def sample_gates(logits: torch.Tensor, mode: GateMode, st: bool = False, tau: fl
         return straight_through(hard, torch.sigmoid(logits)) if st else hard
     if mode is GateMode.STOCHASTIC:
         prob = torch.sigmoid(logits)
-        hard = (torch.rand_like(prob) < prob.detach()).to(logits.dtype)
+        hard = (uniform_like(prob) < prob.detach()).to(logits.dtype)
         return straight_through(hard, prob) if st else hard
     # GUMBEL: logistic noise = difference of two Gumbels; hard by threshold, ST through the relaxation
-    u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+    u = uniform_like(logits).clamp_(1e-6, 1 - 1e-6)
     soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
     return straight_through((soft.detach() > 0.5).to(logits.dtype), soft)
 

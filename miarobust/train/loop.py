@@ -142,8 +142,12 @@ def fit(
     """
     from safetensors.torch import save
 
+    from miarobust.models.gates import sharded
+    from miarobust.train.ranks import average_gradients, rank, reduce_sums, shard, world
+
     out = Path(cfg.out)
     device = torch.device(cfg.device)
+    r, w = rank(), world()  # w ranks: global batches of w * cfg.batch_size, rank r takes part r (train/ranks.py)
     classes, outputs = getattr(train_set, "num_classes", None), getattr(model, "num_classes", None)
     if classes is not None and outputs is not None and classes > outputs:
         raise UserError(f"{cfg.data} has {classes} classes but {cfg.model} outputs {outputs}: pass --num-classes {classes}.")
@@ -152,7 +156,7 @@ def fit(
     amp = AMP_DTYPES[resolve_amp(cfg.amp, device)]
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     flat = [p for g in opt.param_groups for p in g["params"]]
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * w))
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, warmup))
     rows: list[dict[str, Any]] = []
@@ -173,24 +177,29 @@ def fit(
         except Exception as e:  # noqa: BLE001
             raise UserError(f"cannot resume from {out} ({e}): delete the folder or choose another --out.") from e
         log.info("resuming %s after epoch %d", out, start)
-    write_json(out / "config.json", asdict(cfg))
+    if r == 0:
+        write_json(out / "config.json", {**asdict(cfg), "ranks": w})
     gen = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(start, cfg.epochs):
         gen.manual_seed(cfg.seed * 1000 + epoch)  # the epoch's shuffle and augmentation do not depend on resumes
         torch.manual_seed(cfg.seed * 1000 + epoch)
         if on_epoch_start:
             on_epoch_start(epoch)
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=False)
+        loader = DataLoader(train_set, batch_size=cfg.batch_size * w, shuffle=True, generator=gen, drop_last=False)
         model.train()
         sums: dict[str, float] = {}
         seen = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=r != 0)
         for x, y in bar:
-            x, y = (augment(x, gen) if cfg.augment else x).to(device), y.to(device)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            if len(y) < w:  # a last global batch too small to give every rank an image: skipped by all alike
+                continue
+            x = augment(x, gen) if cfg.augment else x  # the global batch's augmentation, the same on every rank
+            x, y = shard(x, r, w).to(device), shard(y, r, w).to(device)
+            with sharded(r, w), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss, metrics = step(x, y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            average_gradients(flat)
             scaler.unscale_(opt)  # clip the true gradients (a no-op without fp16)
             torch.nn.utils.clip_grad_norm_(flat, 5.0)
             scaler.step(opt)
@@ -200,7 +209,11 @@ def fit(
                 sums[k] = sums.get(k, 0.0) + v * len(y)
             seen += len(y)
             bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()})
+        sums, seen = reduce_sums(sums, seen)
         model.eval()
+        if r != 0:  # rank 0 evaluates and writes; the others go on to the next epoch's first all-reduce
+            rows.append({"epoch": epoch + 1})
+            continue
         row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0], **{k: v / seen for k, v in sums.items()}, **evaluate()}
         rows.append(row)
         log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))

@@ -40,6 +40,7 @@ from miarobust.models.flops import VitDims, mia_macs
 from miarobust.models.latency import LatencyTable, dims_key
 from miarobust.models.normalize import Normalized
 from miarobust.train.loop import TrainConfig, fit
+from miarobust.train.ranks import batch_mean
 
 log = logging.getLogger(__name__)
 
@@ -160,19 +161,22 @@ def train_mia(cfg: TrainConfig) -> None:
         ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         kd = F.kl_div(logits.log_softmax(-1), soft, reduction="batchmean")
         # the sampled structure and the deterministic (p > 0.5) one are both held to the budget
-        budget = (ratio.mean() - cfg.budget) ** 2 + (det_ratio.mean() - cfg.budget) ** 2
+        budget = (batch_mean(ratio) - cfg.budget) ** 2 + (batch_mean(det_ratio) - cfg.budget) ** 2  # global batch
         loss = ce + kd_weight * kd + BUDGET_WEIGHT * budget
         metrics = {"loss": loss.item(), "train_acc": (logits.argmax(1) == y).float().mean().item(),
                    "train_ratio": ratio.mean().item(), "train_det_ratio": det_ratio.mean().item()}
         if rl_weight > 0:
             backbone.set_gate_mode("stochastic")
-            half = x[: max(1, len(x) // 2)]  # the policy gradient needs fewer samples than the supervised part
+            # every other image: the policy gradient needs fewer samples than the supervised part (on every
+            # rank's shard the same images as in one process's global batch)
+            half, y_half = x[::2], y[::2]
             rl_logits = model(half)
             rec = backbone.last
-            reward = (rl_logits.argmax(1) == y[: len(half)]).float() - flops_lambda * cost(rec.blocks, rec.heads, rec.tokens).detach()
-            b = reward.mean().item() if baseline["b"] is None else baseline["b"]
+            reward = (rl_logits.argmax(1) == y_half).float() - flops_lambda * cost(rec.blocks, rec.heads, rec.tokens).detach()
+            mean_reward = batch_mean(reward).item()
+            b = mean_reward if baseline["b"] is None else baseline["b"]
             rl = -((reward - b) * rec.log_prob).mean()
-            baseline["b"] = BASELINE_MOMENTUM * b + (1 - BASELINE_MOMENTUM) * reward.mean().item()
+            baseline["b"] = BASELINE_MOMENTUM * b + (1 - BASELINE_MOMENTUM) * mean_reward
             loss = loss + rl_weight * rl
             metrics["reward"] = reward.mean().item()
         backbone.set_gate_mode("gumbel")
