@@ -254,6 +254,8 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
 @click.option("--lr", type=Finite(min=0, min_open=True), default=None, help="Default 1e-3 (static) / 5e-4 backbone, 10x for the controller (MIA).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Data-loading worker processes (0: in the training process).")
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None,
               help="Mixed precision of the training steps (default: bf16 on CUDA, off on the CPU; fp16 needs CUDA).")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None,

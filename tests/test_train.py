@@ -188,3 +188,15 @@ def test_two_ranks_train_what_one_process_trains_with_the_doubled_batch_and_resu
     log_a, log_b = pd.read_csv(tmp_path / "ranks" / "log.csv"), pd.read_csv(tmp_path / "one" / "log.csv")
     assert len(log_a) == 2
     pd.testing.assert_frame_equal(log_a, log_b, atol=1e-4, rtol=0)
+
+
+def test_loader_workers_are_deterministic(cli, tmp_path) -> None:
+    """--workers 2 loads in worker processes; two runs give the same weights, and config.json records the count."""
+    common = ["train", "--model", "vit_fmnist", "--data", "synthetic", "--epochs", "1", "--batch-size", "64", "--augment",
+              "--workers", "2"]
+    for run in ("a", "b"):
+        r = cli(*common, "--out", str(tmp_path / run))
+        assert r.code == 0, r.err
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["workers"] == 2

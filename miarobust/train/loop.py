@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ class TrainConfig:
     num_classes: int | None = None  # None: the model's own (10 for the Fashion-MNIST models, 1000 for DeiT)
     budget: float | None = None
     amp: str = "off"  # "bf16" | "fp16" | "off": autocast precision of the training steps (resolve_amp)
+    workers: int = 0  # DataLoader worker processes (persistent, memory pinned for CUDA): deterministic, but the
+    # shuffle and augmentation draws interleave differently than in-process, so not the images order of 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -185,10 +188,12 @@ def fit(
         torch.manual_seed(cfg.seed * 1000 + epoch)
         if on_epoch_start:
             on_epoch_start(epoch)
-        loader = DataLoader(train_set, batch_size=cfg.batch_size * w, shuffle=True, generator=gen, drop_last=False)
+        loader = DataLoader(train_set, batch_size=cfg.batch_size * w, shuffle=True, generator=gen, drop_last=False,
+                            num_workers=cfg.workers, persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
         model.train()
         sums: dict[str, float] = {}
         seen = 0
+        started = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=r != 0)
         for x, y in bar:
             if len(y) < w:  # a last global batch too small to give every rank an image: skipped by all alike
@@ -208,7 +213,8 @@ def fit(
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * len(y)
             seen += len(y)
-            bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()})
+            rate = seen * w / max(time.perf_counter() - started, 1e-9)  # images of the global batch per second
+            bar.set_postfix({**{k: f"{v / seen:.3f}" for k, v in sums.items()}, "img/s": f"{rate:.0f}"})
         sums, seen = reduce_sums(sums, seen)
         model.eval()
         if r != 0:  # rank 0 evaluates and writes; the others go on to the next epoch's first all-reduce
