@@ -109,7 +109,7 @@ def assert_user_error(r, out: Path, *needles: str) -> None:
     (["--data", "folder", "--data-root", "/nonexistent/images"], ["does not exist", "--data-root"]),
     (["--data", "embedded", "--split", "train"], ["only a test split", "fashion-mnist"]),
     (["--checkpoint", "/nonexistent/w.safetensors"], ["does not exist", "--checkpoint"]),
-    (["--model", "mia_deit_t"], ["mia_deit_t has no shipped weights", "--checkpoint deit_t.pth"]),  # not random ones
+    (["--model", "mia_deit_t"], ["mia_deit_t has no shipped weights", "--checkpoint timm:deit_tiny_patch16_224"]),  # not random ones
     (["--attack", "transfer", "--surrogate", "deit_t"], ["deit_t has no shipped weights"]),
     (["--bogus-option", "1"], ["No such option"]),
 ])
