@@ -152,8 +152,24 @@ def test_the_protocol_finds_the_peers_and_refuses_modes_they_lack(cli, tmp_path)
     r = cli("run", "--model", "tome_vit_fmnist", "--gate-mode", "stochastic", "--n", "4", "--out", str(tmp_path))
     assert r.code == 2 and "no gate mode 'stochastic'" in r.err and "full, deterministic" in r.err
     assert not list(tmp_path.iterdir())
-    r = cli("run", "--model", "dynamicvit_vit_fmnist", "--n", "4", "--out", str(tmp_path))
-    assert r.code == 2 and "scorers need training" in r.err
+    r = cli("run", "--model", "avit_vit_fmnist", "--n", "4", "--out", str(tmp_path))
+    assert r.code == 2 and "halting is learned" in r.err
+    r = cli("run", "--model", "dynamicvit_vit_fmnist", "--checkpoint", "vit_fmnist", "--n", "4", "--attack", "none",
+            "--checks", "off", "--out", str(tmp_path / "untrained"))
+    assert r.code == 0, r.err  # a static checkpoint: untrained scorers (a warning says so)
+
+
+def test_the_shipped_dynamicvit_runs_with_no_other_option_at_its_trained_ratio(cli, tmp_path) -> None:
+    from miarobust.models import create
+
+    model = create("dynamicvit_vit_fmnist")
+    assert model.checkpoint.endswith("dynamicvit_vit_fmnist_b05.safetensors") and model.keep_ratio == pytest.approx(0.57)
+    r = cli("run", "--model", "dynamicvit_vit_fmnist", "--attack", "pgd", "--eps", "8/255", "--n", "8", "--checks", "off",
+            "--out", str(tmp_path))
+    assert r.code == 0, r.err
+    (folder,) = tmp_path.iterdir()
+    s = json.loads((folder / "summary.json").read_text())
+    assert s["clean"]["acc"] > 0.5 and s["gmacs"]["clean_share_of_static"] == pytest.approx(0.499, abs=0.002)
 
 
 def test_a_training_free_peer_runs_with_no_other_option(cli, tmp_path) -> None:

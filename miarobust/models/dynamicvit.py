@@ -255,5 +255,7 @@ def dynamicvit_deit_b(pretrained: bool = False, **kwargs: Any) -> DynamicViT:
 
 @register_model
 def dynamicvit_vit_fmnist(pretrained: bool = False, **kwargs: Any) -> DynamicViT:
-    """DynamicViT on vit_fmnist (6 blocks: stages before blocks 1, 3 and 4)."""
-    return _dynamicvit("dynamicvit_vit_fmnist", "vit_fmnist", fmnist_cfg(None), pretrained, kwargs)
+    """DynamicViT on vit_fmnist (6 blocks: stages before blocks 1, 3 and 4). Default weights
+    `dynamicvit_vit_fmnist_b05`: trained for half the static model's MACs (keep ratio 0.57)."""
+    return _dynamicvit("dynamicvit_vit_fmnist", "vit_fmnist", fmnist_cfg("dynamicvit_vit_fmnist_b05.safetensors"),
+                       pretrained, kwargs)
