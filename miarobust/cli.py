@@ -68,7 +68,7 @@ def setup_logging(verbose: bool) -> None:
 @click.version_option(package_name="miarobust")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 def cli(verbose: bool) -> None:
-    """Accuracy, FLOPs and adversarial robustness of MIA-Former and static ViTs."""
+    """Accuracy, FLOPs and adversarial robustness of MIA-Former, its dynamic-ViT peers and static ViTs."""
     setup_logging(verbose)
 
 
@@ -201,7 +201,7 @@ def list_cmd(what: str) -> None:
         click.echo("checkpoints (--checkpoint NAME):")
         for name in shipped_names():
             model = max((m for m in model_names() if name.startswith(m)), key=len, default="?")
-            click.echo(f"  {name:<22} {model}" + (" (its default weights)" if name in defaults else ""))
+            click.echo(f"  {name:<26} {model}" + (" (its default weights)" if name in defaults else ""))
     if what in ("all", "attacks"):
         from miarobust.attacks import ATTACKS, PRESETS, ST_SUFFIX
 
