@@ -81,10 +81,11 @@ def plot_accuracy_vs_gmacs(table: pd.DataFrame) -> Any:
     from matplotlib.lines import Line2D
 
     runs = _run_level(table)
+    attacked = runs[runs["attack"] != "none"]  # a run without attack has a clean point only
     datasets = sorted(table["data"].unique())
     fig, axes = _figure(max(1, len(datasets)), size=(9.6, 4.8))
     colors = _series_colors([f"{m} ({g})" for m, g in zip(table["model"], table["gate_mode"])])
-    threats = sorted({(n, e, t) for n, e, t in zip(runs["norm"], runs["eps"], runs["eps_text"])})
+    threats = sorted({(n, e, t) for n, e, t in zip(attacked["norm"], attacked["eps"], attacked["eps_text"])})
     markers = {th: m for th, m in zip(threats, "s^vD<>pP*Xh" * 3)}
     for ax, data in zip(axes, datasets):
         df = runs[runs["data"] == data]
@@ -92,14 +93,14 @@ def plot_accuracy_vs_gmacs(table: pd.DataFrame) -> Any:
         for r in clean.itertuples():
             ax.errorbar(r.gmacs_clean, 100 * r.clean_acc, yerr=_yerr(r.clean_acc, r.clean_ci_lo, r.clean_ci_hi),
                         fmt="o", color=colors[f"{r.model} ({r.gate_mode})"], capsize=3, ms=7)
-        for r in df.itertuples():
+        for r in df[df["attack"] != "none"].itertuples():
             x = r.gmacs_adv if not pd.isna(r.gmacs_adv) else r.gmacs_clean
             ax.errorbar(x, 100 * r.robust_acc, yerr=_yerr(r.robust_acc, r.ci_lo, r.ci_hi), capsize=3, ms=7, mfc="white",
                         fmt=markers[(r.norm, r.eps, r.eps_text)], color=colors[f"{r.model} ({r.gate_mode})"])
         front = _frontier([(r.gmacs_clean, 100 * r.clean_acc) for r in clean.itertuples()])
         if len(front) > 1:
             ax.step(*zip(*front), where="post", ls="--", color="0.45", lw=1, zorder=0)
-        for _, g in df.groupby(["norm", "eps"]):
+        for _, g in df[df["attack"] != "none"].groupby(["norm", "eps"]):
             front = _frontier([(r.gmacs_adv if not pd.isna(r.gmacs_adv) else r.gmacs_clean, 100 * r.robust_acc)
                                for r in g.itertuples()])
             if len(front) > 1:
@@ -108,9 +109,10 @@ def plot_accuracy_vs_gmacs(table: pd.DataFrame) -> Any:
         handles = [Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in colors.items() if k in shown]
         handles += [Line2D([], [], marker="o", color="0.3", ls="", label="clean")]
         handles += [Line2D([], [], marker=markers[th], mfc="white", color="0.3", ls="", label=f"robust, {th[0]} {th[2]}")
-                    for th in threats if ((df["norm"] == th[0]) & (df["eps"] == th[1])).any()]
-        handles += [Line2D([], [], ls="--", color="0.45", label="frontier, clean"),
-                    Line2D([], [], ls=":", color="0.45", label="frontier, robust (per ε)")]
+                    for th in threats if ((df["norm"] == th[0]) & (df["eps"] == th[1]) & (df["attack"] != "none")).any()]
+        handles += [Line2D([], [], ls="--", color="0.45", label="frontier, clean")]
+        if (df["attack"] != "none").any():
+            handles += [Line2D([], [], ls=":", color="0.45", label="frontier, robust (per ε)")]
         ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         ax.set_xlabel("mean GMACs per image (multiply-adds × 1e9)")
         ax.set_ylabel("accuracy (%), 95% interval")
