@@ -69,9 +69,9 @@ def weights_sha256(name: str) -> str:
 
 
 def eps_value(text: str) -> float:
-    from miarobust.cli import parse_eps
+    from miarobust.values import Eps
 
-    return parse_eps(text)
+    return Eps.parse(text).value
 
 
 def worst_folders(root: Path) -> dict[tuple[str, str | None, float], Path]:

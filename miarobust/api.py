@@ -22,19 +22,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, TensorDataset
 
 from miarobust.attacks import AttackConfig, Victim, build_attack, get_attack
 from miarobust.attacks.threat import ThreatModel
 from miarobust.errors import UserError
 from miarobust.evaluator import Evaluation, RunConfig, RunResult, run
-
-
-def _eps(eps: float | str) -> tuple[float, str]:
-    """(value, text) of an eps given as a number or as text like "8/255"; a UserError unless finite and > 0."""
-    from miarobust.cli import parse_eps
-
-    text = eps.strip() if isinstance(eps, str) else repr(float(eps))
-    return parse_eps(text), text
+from miarobust.values import Eps, parse_norm
 
 
 def state_sha256(module: nn.Module) -> str:
@@ -48,14 +42,18 @@ def state_sha256(module: nn.Module) -> str:
 
 
 def evaluate(model: str | nn.Module, *, attack: str | Sequence[str] = "pgd", eps: float | str = 8 / 255,
-             data: str = "embedded", n: int | None = None, mean: Sequence[float] | None = None,
-             std: Sequence[float] | None = None, input_size: Sequence[int] | None = None, out: str = "runs",
-             progress: bool = False, **options: Any) -> RunResult:
+             data: str | Dataset | tuple[torch.Tensor, torch.Tensor] = "embedded", n: int | None = None,
+             mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+             input_size: Sequence[int] | None = None, out: str = "runs", progress: bool = False,
+             **options: Any) -> RunResult:
     """Evaluate `model` under `attack` at `eps` on `data`; the results folder is `result.folder`.
 
     model: a registered name (`miarobust list`), or any nn.Module taking (B, C, H, W) images: normalised by
       `mean`/`std` if given, else by its timm `pretrained_cfg`, else fed [0, 1] pixels; `input_size` (C, H, W)
       where it has no pretrained_cfg. Its folder is named after its class and the SHA-256 of its state_dict.
+    data: a data set's name (`miarobust list datasets`), or, for an nn.Module, images and labels of one's own: a
+      pair of tensors (N, C, H, W) in [0, 1] and (N,) class indices, or a torch Dataset of such (image, label)
+      pairs (named in the folder by the SHA-256 of the first n images and labels).
     attack: a name, several (each image robust only if it survives all), or the preset "adaptive".
     eps: a float or text such as "8/255". options: any other `miarobust run` setting as a RunConfig field
       (norm, steps, restarts, eot, gate_mode, eval_samples, checkpoint, batch_size, seed, device, checks, ...).
@@ -64,19 +62,74 @@ def evaluate(model: str | nn.Module, *, attack: str | Sequence[str] = "pgd", eps
     unknown = sorted(set(options) - known)
     if unknown:
         raise UserError(f"evaluate() got unknown options {', '.join(unknown)}: use RunConfig's fields ({', '.join(sorted(known))}).")
-    value, text = _eps(eps)
     attacks = tuple(a.strip() for a in attack.split(",")) if isinstance(attack, str) else tuple(attack)
-    common = dict(attacks=attacks, eps=value, eps_text=text, data=data, n=n, out=str(Path(out)), **options)
     if isinstance(model, str):
-        return run(RunConfig(model=model, **common), progress=progress)
+        if not isinstance(data, str):
+            raise UserError("evaluate() on a registered model name takes data by name; to evaluate your own images, "
+                            "pass the model as an nn.Module (miarobust.models.create(name)).")
+        return run(RunConfig.with_eps(eps, model=model, attacks=attacks, data=data, n=n, out=str(Path(out)), **options),
+                   progress=progress)
     if not isinstance(model, nn.Module):
         raise UserError(f"evaluate() takes a model name or an nn.Module, not {type(model).__name__}.")
+    from miarobust.data import Geometry, load_dataset
+
+    geometry = Geometry(*(int(v) for v in input_size)) if input_size is not None else None
+    if geometry is None and "input_size" in (getattr(model, "pretrained_cfg", None) or {}):
+        geometry = Geometry.of(model)
+    if geometry is None:
+        raise UserError(f"{type(model).__name__} has no timm pretrained_cfg saying what it takes: pass "
+                        "input_size=(C, H, W).")
+    if isinstance(data, str):
+        dataset, name = None, data
+    else:
+        dataset = own_data(data, geometry, n)
+        name = f"{'tensors' if isinstance(data, tuple) else type(data).__name__}-{data_sha256(dataset, n)[:10]}"
     sha = state_sha256(model)
-    cfg = RunConfig(model=f"{type(model).__name__}-{sha[:10]}", **common)
-    size = tuple(int(v) for v in input_size) if input_size is not None else None
-    ev = Evaluation(cfg, model, tuple(mean) if mean is not None else None, tuple(std) if std is not None else None, size)
+    cfg = RunConfig.with_eps(eps, model=f"{type(model).__name__}-{sha[:10]}", attacks=attacks, data=name, n=n,
+                             out=str(Path(out)), **options)
+    if dataset is None:
+        dataset = load_dataset(cfg.data, geometry, cfg.data_root, cfg.split)
+    ev = Evaluation(cfg, model, dataset, geometry, tuple(mean) if mean is not None else None,
+                    tuple(std) if std is not None else None)
     ev.weights_sha256 = sha
     return run(cfg, progress=progress, ev=ev)
+
+
+def own_data(data: Any, geometry: Any, n: int | None) -> Dataset:
+    """A user's (images, labels) tensors or Dataset, checked against the model's input: shape, range, labels."""
+    if isinstance(data, tuple):
+        if len(data) != 2 or not all(isinstance(t, torch.Tensor) for t in data):
+            raise UserError("data=(images, labels) takes two tensors: images (N, C, H, W) in [0, 1], labels (N,).")
+        images, labels = data
+        if images.dim() != 4 or labels.dim() != 1 or len(images) != len(labels):
+            raise UserError(f"data=(images, labels) has shapes {tuple(images.shape)} and {tuple(labels.shape)}: "
+                            "pass images (N, C, H, W) and labels (N,) of the same N.")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool or (len(labels) and int(labels.min()) < 0):
+            raise UserError("labels must be class indices (integers >= 0).")
+        data = TensorDataset(images.detach().float().cpu(), labels.detach().long().cpu())
+    if not isinstance(data, Dataset):
+        raise UserError(f"data is a {type(data).__name__}: pass a data set's name, (images, labels) tensors or a "
+                        "torch Dataset of (image, label) pairs.")
+    want = (geometry.channels, geometry.height, geometry.width)
+    for i in range(min(len(data), n if n is not None else len(data))):
+        x, y = data[i]
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != want:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise UserError(f"image {i} of data has shape {got}, the model takes {want}: resize the images or pass "
+                            "input_size=(C, H, W).")
+        if float(x.min()) < 0 or float(x.max()) > 1:
+            raise UserError(f"image {i} of data has pixels outside [0, 1]: pass unnormalised images and mean/std.")
+    return data
+
+
+def data_sha256(data: Dataset, n: int | None) -> str:
+    """SHA-256 of the first n (image, label) pairs of a data set: which images a result is of."""
+    h = hashlib.sha256()
+    for i in range(min(len(data), n if n is not None else len(data))):
+        x, y = data[i]
+        h.update(x.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(str(int(y)).encode())
+    return h.hexdigest()
 
 
 class Attack:
@@ -96,7 +149,7 @@ class Attack:
         from miarobust.models.adaptive import adaptive_core
         from miarobust.models.normalize import Normalized
 
-        self.cfg = AttackConfig(norm=norm, eps=_eps(eps)[0], **options)
+        self.cfg = AttackConfig(norm=parse_norm(norm), eps=Eps.parse(eps).value, **options)
         self.info = get_attack(name, self.cfg)
         wrapped = Normalized(model, tuple(mean) if mean is not None else None, tuple(std) if std is not None else None)
         param = next(iter(model.parameters()), None)

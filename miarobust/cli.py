@@ -9,37 +9,31 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import click
 
 from miarobust.errors import UserError
+from miarobust.values import NORMS
 
 MODELS = ("mia_vit_fmnist", "vit_fmnist", "deit_t", "deit_s", "deit_b", "mia_deit_t", "mia_deit_s", "mia_deit_b")
 
 
 class EpsType(click.ParamType):
-    """A perturbation budget: '8/255', '0.031' or '1e-2'; finite and > 0."""
+    """A perturbation budget: '8/255', '0.031' or '1e-2'; finite and > 0 (values.Eps)."""
 
     name = "eps"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[float, str]:
-        if isinstance(value, tuple):
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from miarobust.values import Eps
+
+        if isinstance(value, Eps):
             return value
-        text = str(value).strip()
         try:
-            if "/" in text:
-                num, den = text.split("/", 1)
-                eps = float(Fraction(float(num)) / Fraction(float(den)))
-            else:
-                eps = float(text)
-        except (ValueError, ZeroDivisionError):
-            self.fail(f"'{value}' is not a number: write eps as 8/255 or 0.031.", param, ctx)
-        if not eps == eps or eps in (float("inf"), float("-inf")) or eps <= 0:
-            self.fail(f"'{value}' must be a finite number > 0, e.g. 8/255.", param, ctx)
-        return eps, text
+            return Eps.parse(str(value))
+        except UserError as e:
+            self.fail(str(e), param, ctx)
 
 
 class Finite(click.FloatRange):
@@ -50,14 +44,6 @@ class Finite(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return number
-
-
-def parse_eps(text: str) -> float:
-    """'8/255' -> 0.0313...; raises UserError on anything that is not a finite positive number."""
-    try:
-        return EpsType().convert(text, None, None)[0]
-    except click.BadParameter as e:
-        raise UserError(e.message) from None
 
 
 def setup_logging(verbose: bool) -> None:
@@ -94,7 +80,7 @@ def model_option(default: str | None) -> Any:
 @click.option("--gate-grad", type=click.Choice(["none", "straight-through"]), default="none", show_default=True,
               help="Gradient of the gradient attacks through hard gates: none (zero), or straight-through (BPDA: "
               "the gates' probabilities), which runs each gradient attack NAME as NAME-st.")
-@click.option("--norm", type=click.Choice(["Linf", "L2"]), default="Linf", show_default=True)
+@click.option("--norm", type=click.Choice(NORMS), default="Linf", show_default=True)
 @click.option("--eps", type=EpsType(), default="8/255", show_default=True, help="Radius in [0, 1] pixels: 8/255 or 0.031.")
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--alpha", type=EpsType(), default=None, help="Step size (default 2.5 * eps / steps).")
@@ -141,7 +127,7 @@ def run_cmd(**kw: Any) -> None:
 def make_run_config(kw: dict[str, Any]) -> Any:
     from miarobust.evaluator import RunConfig
 
-    eps, eps_text = kw.pop("eps")
+    eps = kw.pop("eps")
     alpha = kw.pop("alpha")
     attacks = tuple(a.strip() for a in kw.pop("attack").split(",") if a.strip())
     if not attacks:
@@ -157,7 +143,7 @@ def make_run_config(kw: dict[str, Any]) -> Any:
 
     parsed = parse_model_kwargs(kw.pop("model_kwargs"))
     kw["model_kwargs"] = ",".join(f"{k}={v}" for k, v in sorted(parsed.items()))  # one spelling, one folder
-    return RunConfig(eps=eps, eps_text=eps_text, alpha=alpha[0] if alpha else None, attacks=attacks, **kw)
+    return RunConfig(eps=eps.value, eps_text=eps.text, alpha=alpha.value if alpha else None, attacks=attacks, **kw)
 
 
 def format_summary(folder: Any, s: dict[str, Any]) -> str:
@@ -287,18 +273,15 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
     if model.startswith("tome_"):
         raise UserError(f"{model} is training-free: evaluate it with the static model's weights (`miarobust run --model "
                         f"{model}`); its merge rate is --model-kwargs r=N.")
-    if model.startswith("avit_"):
-        raise UserError(f"{model}'s halting training (ponder loss, depth prior) is not built yet: evaluate an A-ViT "
-                        "checkpoint trained elsewhere with --checkpoint.")
     if model.startswith("adavit_") and rl_weight:
         click.echo("AdaViT trains without MIA-Former's reinforcement-learning half: --rl-weight 0", err=True)
         rl_weight = 0.0
-    mia, dynamic = model.startswith(("mia_", "adavit_")), model.startswith("dynamicvit_")
+    mia, dynamic = model.startswith(("mia_", "adavit_")), model.startswith(("dynamicvit_", "avit_"))
     if (mia or dynamic) and budget is None:
-        raise UserError(f"{'MIA-Former' if mia else 'DynamicViT'} training needs --budget, the target share of the "
-                        "static model's cost (MACs, or batch-1 time with --cost latency for MIA-Former), e.g. 0.7.")
+        raise UserError(f"{model} training needs --budget, the target share of the static model's cost (MACs, or "
+                        "batch-1 time with --cost latency for MIA-Former), e.g. 0.7.")
     if not (mia or dynamic) and (budget is not None or teacher is not None):
-        raise UserError("--budget and --teacher apply to the adaptive models (mia_*, dynamicvit_*) only.")
+        raise UserError("--budget and --teacher apply to the adaptive models (mia_*, adavit_*, dynamicvit_*, avit_*) only.")
     if not mia and (cost != "macs" or latency_table is not None):
         raise UserError("--cost and --latency-table apply to MIA-Former models (mia_*) only.")
     if latency_table is not None and cost != "latency":
@@ -320,6 +303,10 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
                 from miarobust.train.mia import train_mia
 
                 train_mia(cfg)
+            elif model.startswith("avit_"):
+                from miarobust.train.avit import train_avit
+
+                train_avit(cfg)
             elif dynamic:
                 from miarobust.train.dynamicvit import train_dynamicvit
 

@@ -17,7 +17,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from miarobust.attacks import PRESETS, AttackConfig, AttackInfo, Victim, attack_salt, build_attack, expand, get_attack
-from miarobust.attacks.threat import ThreatModel
+from miarobust.attacks import PRESETS, AttackInfo, Victim, attack_salt, build_attack, expand, get_attack
+from miarobust.config import Resolved, RunConfig, RunRecord, resolve_device
 from miarobust.data import FIXED_LABELS
 from miarobust.errors import UserError
 from miarobust.models.registry import file_sha256, parse_model_kwargs
@@ -37,7 +37,6 @@ from miarobust.results import (
     SAMPLES,
     SUMMARY,
     missing_folders,
-    run_id,
     write_csv,
     write_json,
 )
@@ -59,136 +58,74 @@ from miarobust.results.summary import environment, summarize
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything that determines a run's numbers (plus where to write them). Goes into config.json."""
-
-    model: str = "mia_vit_fmnist"
-    checkpoint: str | None = None
-    gate_mode: str | None = None
-    num_classes: int | None = None
-    img_size: int | None = None
-    model_kwargs: str = ""  # more timm model arguments, "in_chans=1,patch_size=4" (parse_model_kwargs)
-    data: str = "embedded"
-    data_root: str | None = None
-    split: str = "test"
-    attacks: tuple[str, ...] = ("pgd",)
-    norm: str = "Linf"
-    eps: float = 8 / 255
-    eps_text: str = "8/255"
-    steps: int = 10
-    alpha: float | None = None
-    restarts: int = 1
-    eot: int | None = None  # None: each attack's own default (8 for eot-pgd, 1 otherwise)
-    eot_chunk: int | None = None
-    eval_samples: int = 10
-    surrogate: str | None = None
-    keep_prediction: bool = False
-    n: int | None = None
-    batch_size: int = 100
-    seed: int = 0
-    device: str = "cpu"
-    checks: str = "auto"
-    out: str = "runs"  # not results/: the repository keeps its committed runs there
-
-    def attack_config(self) -> AttackConfig:
-        return AttackConfig(norm=self.norm, eps=self.eps, steps=self.steps, alpha=self.alpha, restarts=self.restarts,
-                            eot=self.eot, eot_chunk=self.eot_chunk, surrogate=self.surrogate,
-                            keep_prediction=self.keep_prediction, select_draws=self.eval_samples, seed=self.seed)
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that decide the numbers: same identity, same results folder (and resume)."""
-        d = asdict(self)
-        for k in ("out", "checks", "eot_chunk", "device"):
-            d.pop(k)
-        if not d["model_kwargs"]:  # absent from the identity unless given: folders made before it keep their names
-            d.pop("model_kwargs")
-        return d
-
-    def folder_name(self) -> str:
-        """model-data-attacks-norm-eps[-gate mode][-eotK]-hash: the gate mode and EOT K where asked for, and
-        the hash of the identity, which tells apart the runs that differ in anything else."""
-        attacks = "+".join(self.attacks)
-        eps = self.eps_text.replace("/", "_")
-        asked = [v for v in (self.gate_mode, None if self.eot is None else f"eot{self.eot}") if v]
-        return "-".join([self.model, self.data, attacks, self.norm, eps, *asked, run_id(self.identity())])
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device `--device name` asks for; a UserError if it is no device or not on this machine."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name} is not a device: use cpu, cuda or cuda:N.") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: miarobust runs on cpu, cuda or cuda:N.")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for, but CUDA is not available here: use --device cpu.")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices, "
-                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
-    return device
-
-
 class Evaluation:
-    """One run: builds the model, data and attacks from a RunConfig and evaluates batch by batch.
+    """One run: a model, a data set, attacks and a threat model, evaluated batch by batch.
 
-    `module`: evaluate this model instead of building `cfg.model` (any nn.Module taking (B, C, H, W) images;
-    normalised by `mean` / `std`, else by its timm `pretrained_cfg`, else not at all; `input_size` (C, H, W)
-    where it has no pretrained_cfg). It is put in eval mode on the device; its parameters are left as they are.
+    Made from parts (`Evaluation(cfg, model, dataset, geometry)`: any nn.Module, any data set of (image, label)
+    pairs in [0, 1], and the attacks, threat model and options of `cfg`) or from a config by
+    `Evaluation.from_config`, which builds the model and the data `cfg` names. The model takes (B, C, H, W) images
+    as `geometry` says (default: its timm pretrained_cfg); it is normalised by `mean` / `std`, else by its
+    pretrained_cfg, else not at all, and put in eval mode on the device. `own`: the model was built here, so its
+    parameters need no gradients (a user's module keeps its flags).
     """
 
-    def __init__(self, cfg: RunConfig, module: torch.nn.Module | None = None, mean: tuple[float, ...] | None = None,
-                 std: tuple[float, ...] | None = None, input_size: tuple[int, int, int] | None = None):
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Evaluation:
+        """The model, weights and data that `cfg` names."""
         from miarobust.data import Geometry, load_dataset
         from miarobust.models import create
+
+        for a in cfg.attacks:  # unknown names fail before a model is loaded
+            if a not in PRESETS:
+                get_attack(a, cfg.attack_config())
+        torch.manual_seed(cfg.seed)  # weights a checkpoint lacks (a controller, a model without shipped weights)
+        backbone = create(cfg.model, checkpoint=cfg.checkpoint, num_classes=cfg.num_classes, img_size=cfg.img_size,
+                          **parse_model_kwargs(cfg.model_kwargs))
+        geometry = Geometry.of(backbone)
+        return cls(cfg, backbone, load_dataset(cfg.data, geometry, cfg.data_root, cfg.split), geometry, own=True)
+
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, dataset: Dataset, geometry: Any = None,
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None, *, own: bool = False):
+        from miarobust.data import Geometry
         from miarobust.models.adaptive import adaptive_core, check_gate_mode
-        from miarobust.models.gates import GateMode
+        from miarobust.models.flops import module_macs
         from miarobust.models.normalize import Normalized
 
         self.device = resolve_device(cfg.device)
         self.cfg = cfg
         acfg = cfg.attack_config()
-        for a in cfg.attacks:  # unknown names fail before a model is loaded
+        for a in cfg.attacks:
             if a not in PRESETS:
                 get_attack(a, acfg)
-        torch.manual_seed(cfg.seed)  # weights a checkpoint lacks (a controller, a model without shipped weights)
-        if module is None:
-            backbone = create(cfg.model, checkpoint=cfg.checkpoint, num_classes=cfg.num_classes, img_size=cfg.img_size,
-                              **parse_model_kwargs(cfg.model_kwargs))
-        else:
-            backbone = module
-            if input_size is None and "input_size" not in (getattr(module, "pretrained_cfg", None) or {}):
-                raise UserError(f"{type(module).__name__} has no timm pretrained_cfg saying what it takes: pass "
+        if geometry is None:
+            if "input_size" not in (getattr(model, "pretrained_cfg", None) or {}):
+                raise UserError(f"{type(model).__name__} has no timm pretrained_cfg saying what it takes: pass "
                                 "input_size=(C, H, W).")
-        self.adaptive = adaptive_core(backbone)  # MIA-Former or a dynamic-ViT peer; None for a static model
+            geometry = Geometry.of(model)
+        self.geometry = geometry
+        self.adaptive = adaptive_core(model)  # MIA-Former or a dynamic-ViT peer; None for a static model
         if cfg.gate_mode is not None:
             if self.adaptive is None:
-                GateMode.parse(cfg.gate_mode)  # an unknown mode is named as such first
                 raise UserError(f"--gate-mode applies to input-adaptive models only; {cfg.model} is static.")
             try:
                 self.adaptive.set_gate_mode(check_gate_mode(self.adaptive, cfg.gate_mode, cfg.model))
             except ValueError as e:
                 raise UserError(f"--gate-mode: {e}.") from None
-        self.model = Normalized(backbone, mean, std).to(self.device).eval()
-        if module is None:  # ours: no parameter gradients needed (a user's module keeps its flags)
+        self.model = Normalized(model, mean, std).to(self.device).eval()
+        if own:
             for p in self.model.parameters():
                 p.requires_grad_(False)
         self.victim = Victim(self.model, self.adaptive, self.device)
-        geometry = Geometry.of(backbone) if input_size is None else Geometry(*input_size)
-        from miarobust.models.flops import module_macs
-
-        self.static_macs = module_macs(backbone, (geometry.channels, geometry.height, geometry.width))
         c, h, w = geometry.channels, geometry.height, geometry.width
+        self.static_macs = module_macs(model, (c, h, w))
         diameter = 1.0 if cfg.norm == "Linf" else (c * h * w) ** 0.5  # of the [0, 1] box: a ball that wide covers it
         if cfg.eps >= diameter:
             why = ("1: an Linf ball that large covers every image in [0, 1]; use e.g. 8/255" if cfg.norm == "Linf" else
                    f"{diameter:.4g}, the L2 diameter of {cfg.model}'s {c}x{h}x{w} images in [0, 1]: use e.g. 0.5")
             raise UserError(f"--eps {cfg.eps_text} is >= {why}.")
-        self.dataset: Dataset = load_dataset(cfg.data, geometry, cfg.data_root, cfg.split)
-        classes = getattr(self.dataset, "num_classes", None)
-        out_dim = getattr(backbone, "num_classes", None)
+        self.dataset = dataset
+        classes = getattr(dataset, "num_classes", None)
+        out_dim = getattr(model, "num_classes", None)
         if not isinstance(out_dim, int):  # a module of the user's: its outputs say
             with torch.no_grad():
                 out_dim = int(self.model(torch.zeros(1, c, h, w, device=self.device)).shape[-1])
@@ -199,12 +136,12 @@ class Evaluation:
                             f"its own data, or load weights trained on {cfg.data}.")
         if classes is not None and classes > out_dim:
             raise UserError(f"{cfg.data} has {classes} classes but {cfg.model} outputs {out_dim}: pass --num-classes {classes}.")
-        self.n = len(self.dataset) if cfg.n is None else cfg.n
-        if self.n > len(self.dataset):
-            log.warning("--n %d is larger than %s (%d images): evaluating all %d", self.n, cfg.data, len(self.dataset), len(self.dataset))
-            self.n = len(self.dataset)
+        self.n = len(dataset) if cfg.n is None else cfg.n
+        if self.n > len(dataset):
+            log.warning("--n %d is larger than %s (%d images): evaluating all %d", self.n, cfg.data, len(dataset), len(dataset))
+            self.n = len(dataset)
         self.draws = cfg.eval_samples if self.victim.stochastic else 1
-        self.threat = ThreatModel(cfg.norm, cfg.eps)
+        self.threat = cfg.threat
         self.attacks: list[AttackInfo] = [get_attack(a, acfg) for a in expand(cfg.attacks, gated=self.adaptive is not None)]
         self.acfg = acfg
         if self.victim.stochastic and cfg.eot is None and "adaptive" in cfg.attacks:
@@ -321,7 +258,7 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
     """
     from tqdm.auto import tqdm
 
-    ev = ev if ev is not None else Evaluation(cfg)
+    ev = ev if ev is not None else Evaluation.from_config(cfg)
     folder = Path(cfg.out) / cfg.folder_name()
     started = time.time()
     created = missing_folders(folder)  # ours to remove on failure
@@ -336,14 +273,11 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
                 if is_complete(folder):
                     state = "done"
                 else:
-                    # the config as asked, except gate mode and checkpoint resolved; `requested` keeps those as asked
-                    write_json(folder / CONFIG, {**asdict(cfg), "environment": environment(),
-                                                 "requested": {"gate_mode": cfg.gate_mode, "checkpoint": cfg.checkpoint},
-                                                 "gate_mode": ev.adaptive.gate_mode.value if ev.adaptive else None,
-                                                 "checkpoint": checkpoint, "weights_sha256": weights,
-                                                 "resolved_attacks": [i.name for i in ev.attacks],
-                                                 "resolved_eot": ev.acfg.eot,
-                                                 "gate_grad": {i.name: i.gate_grad for i in ev.attacks}})
+                    resolved = Resolved(gate_mode=ev.adaptive.gate_mode.value if ev.adaptive else None,
+                                        checkpoint=checkpoint, weights_sha256=weights,
+                                        attacks=tuple(i.name for i in ev.attacks), eot=ev.acfg.eot,
+                                        gate_grad={i.name: i.gate_grad for i in ev.attacks})
+                    write_json(folder / CONFIG, RunRecord(cfg, resolved).to_json(environment()))
             except Exception as e:  # noqa: BLE001  (raised below, once the other ranks are told)
                 state, message, failure = "failed", str(e), e
         if world > 1:

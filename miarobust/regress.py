@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from miarobust.config import requested_config
 from miarobust.errors import UserError
 from miarobust.results.read import Run, RunSkipped, find_run_folders, load_run, load_runs
 from miarobust.stats import paired_drop_p, two_proportion_drop_p
@@ -50,59 +49,6 @@ class RegressConfig:
     jobs: int = 1  # re-runs in this many worker processes, the CPU threads split between them
 
 
-def _is_a(value: Any, hint: Any) -> bool:
-    """Whether a value read from JSON has the type `hint` of a RunConfig field (an int passes for a float)."""
-    if typing.get_origin(hint) in (types.UnionType, typing.Union):
-        return any(_is_a(value, h) for h in typing.get_args(hint))
-    if typing.get_origin(hint) is tuple:
-        return isinstance(value, tuple) and all(_is_a(v, typing.get_args(hint)[0]) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return value is None if hint is type(None) else isinstance(value, hint)
-
-
-def run_config(config: dict[str, Any], folder_name: str | None = None) -> Any:
-    """The RunConfig recorded in config.json, as it was asked for.
-
-    config.json records the gate mode and checkpoint the run resolved (e.g. 'deterministic', the shipped
-    weights' path) and, under `requested`, what was asked for (None: the model's default, or a shipped
-    checkpoint's name), which the folder name hashes: the re-run takes the same defaults (the checkout's shipped
-    weights, not a path recorded on another machine). A config.json without `requested` is matched by folder
-    name: the candidate whose name is `folder_name`.
-    """
-    from miarobust.evaluator import RunConfig
-
-    names = {f.name for f in dataclasses.fields(RunConfig)}
-    kw = {k: v for k, v in config.items() if k in names}
-    if isinstance(kw.get("attacks"), list):
-        kw["attacks"] = tuple(kw["attacks"])
-    hints = typing.get_type_hints(RunConfig)
-    wrong = [f"{k} = {v!r}" for k, v in kw.items() if not _is_a(v, hints[k])]
-    if wrong:
-        raise UserError(f"config.json of {folder_name} has values of the wrong type ({'; '.join(wrong)[:200]}): "
-                        "regenerate that run.")
-    try:
-        recorded = RunConfig(**kw)
-    except TypeError as e:
-        raise UserError(f"config.json of {folder_name} is not a run config ({e}): is it a `miarobust run` folder?") from e
-    asked = config.get("requested")
-    if (isinstance(asked, dict) and set(asked) == {"gate_mode", "checkpoint"}
-            and all(v is None or isinstance(v, str) for v in asked.values())):
-        return dataclasses.replace(recorded, **asked)
-    if folder_name is None:
-        return recorded
-    shipped = Path(recorded.checkpoint).name.removesuffix(".safetensors") if recorded.checkpoint else None
-    for gate in dict.fromkeys([recorded.gate_mode, None]):
-        for ckpt in dict.fromkeys([recorded.checkpoint, None, shipped]):
-            cfg = dataclasses.replace(recorded, gate_mode=gate, checkpoint=ckpt)
-            if cfg.folder_name() == folder_name:
-                return cfg
-    log.warning("%s: no config identity reproduces this folder name (renamed?); re-running the recorded config", folder_name)
-    return recorded
-
-
 def _rerun_folder(config: dict[str, Any], name: str, out: str, device: str | None, threads: int | None = None) -> str:
     """Run one baseline config again into `out` (a complete run already there is reused); its folder.
 
@@ -115,7 +61,7 @@ def _rerun_folder(config: dict[str, Any], name: str, out: str, device: str | Non
     if threads is not None:
         torch.set_num_threads(threads)
     # the gate compares accuracies; the baseline's sanity checks ran when it was made
-    cfg = dataclasses.replace(run_config(config, name), out=out, checks="off")
+    cfg = dataclasses.replace(requested_config(config, name), out=out, checks="off")
     if device is not None:
         cfg = dataclasses.replace(cfg, device=device)
     log.info("re-running %s", name)

@@ -236,7 +236,7 @@ def test_adaptive_preset_probes_eot_once_and_records_it(tmp_path, monkeypatch: p
 
     model = NineOfTen()
     x, y = data()
-    ev = Evaluation(RunConfig(model="vit_fmnist", data="synthetic", attacks=("adaptive",), n=10, batch_size=10,
+    ev = Evaluation.from_config(RunConfig(model="vit_fmnist", data="synthetic", attacks=("adaptive",), n=10, batch_size=10,
                               eval_samples=4, out=str(tmp_path)))
     ev.model = Normalized(model, (0.0,), (1.0,)).eval()
     ev.adaptive = model
@@ -268,7 +268,7 @@ def test_adaptive_preset_builds_every_attack_with_the_probed_eot(monkeypatch: py
     real = evaluator.build_attack
     monkeypatch.setattr(evaluator, "build_attack", lambda info, victim, cfg: built.append((info.name, cfg.eot)) or real(info, victim, cfg))
     monkeypatch.setattr(Evaluation, "preset_eot", lambda self, **kw: 8)
-    ev = Evaluation(RunConfig(model="mia_vit_fmnist", gate_mode="stochastic", attacks=("adaptive",), n=2, batch_size=2))
+    ev = Evaluation.from_config(RunConfig(model="mia_vit_fmnist", gate_mode="stochastic", attacks=("adaptive",), n=2, batch_size=2))
     assert built == [("autoattack", 8), ("autoattack-st", 8), ("bpda-pgd", 8)] and ev.acfg.eot == 8
     samples = pd.DataFrame({"index": [0, 1], "clean_correct": [1.0, 1.0], "robust": [0.5, 0.0], "clean_gmacs": [1.0, 1.0],
                             **{f"{a}_{k}": [0.5, 0.0] for a in ("autoattack", "autoattack-st", "bpda-pgd")

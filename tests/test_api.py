@@ -131,3 +131,36 @@ def test_import_registers_with_timm_and_the_cli_stays_light() -> None:
     assert out.strip() == "MIAFormer"
     code = "import timm, miarobust; print(timm.is_model('mia_deit_s'))"  # timm imported first: registered at once
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"
+
+
+def test_own_images_as_tensors_or_a_dataset(tmp_path: Path) -> None:
+    """data=(images, labels) and data=Dataset give, per image, the records of the same images by name; the folder
+    is named by the images' hash; a wrong shape, range or label type is one clear error."""
+    import miarobust
+    from miarobust.data import Geometry, load_dataset
+    from miarobust.errors import UserError
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    named = load_dataset("embedded", Geometry(1, 28, 28))
+    x = torch.stack([named[i][0] for i in range(10)])
+    y = torch.tensor([named[i][1] for i in range(10)])
+    common = dict(attack="fgsm", eps=0.1, checks="off", input_size=(1, 28, 28))
+    by_name = miarobust.evaluate(net, data="embedded", n=10, out=str(tmp_path / "a"), **common)
+    tensors = miarobust.evaluate(net, data=(x, y), out=str(tmp_path / "b"), **common)
+    dataset = miarobust.evaluate(net, data=torch.utils.data.TensorDataset(x, y), out=str(tmp_path / "c"), **common)
+    ref = pd.read_csv(by_name.folder / "samples.csv")
+    for got in (tensors, dataset):
+        frame = pd.read_csv(got.folder / "samples.csv")
+        for col in ("label", "clean_pred", "fgsm_pred", "robust"):
+            assert frame[col].tolist() == ref[col].tolist(), col
+    assert "-tensors-" in tensors.folder.name and "-TensorDataset-" in dataset.folder.name
+    assert tensors.folder.name.split("-tensors-")[1][:10] == dataset.folder.name.split("-TensorDataset-")[1][:10]
+    other = miarobust.evaluate(net, data=(x.flip(0), y.flip(0)), out=str(tmp_path / "b"), **common)
+    assert other.folder != tensors.folder  # other images, another folder
+    bad = [((x[:, :, :14], y), "shape"), ((x * 255, y), r"\[0, 1\]"), ((x, y.float()), "class indices"),
+           ((x, y[:5]), "same N"), ([x, y], "torch Dataset")]
+    for data, match in bad:
+        with pytest.raises(UserError, match=match):
+            miarobust.evaluate(net, data=data, out=str(tmp_path / "d"), **common)
+    assert not (tmp_path / "d").exists()

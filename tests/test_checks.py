@@ -99,7 +99,7 @@ def planted(model: nn.Module, attacks: str, stochastic: bool = False, checks_mod
     x, y = data if data is not None else regions_data()[1:]
     run = RunConfig(**{"model": "vit_fmnist", "data": "synthetic", "attacks": tuple(attacks.split(",")), "n": len(x),
                        "batch_size": 8, "eval_samples": 2, "checks": checks_mode, **cfg})
-    ev = Evaluation(run)
+    ev = Evaluation.from_config(run)
     ev.model = Normalized(model, (0.0,), (1.0,)).eval()
     if mia is not None:
         ev.adaptive = mia

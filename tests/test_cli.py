@@ -18,8 +18,8 @@ import timm
 import torch
 from conftest import TINY, files_under, run_subprocess
 
-from miarobust.cli import parse_eps
 from miarobust.errors import UserError
+from miarobust.values import Eps
 
 # -- the eps parser ------------------------------------------------------------------------------------
 
@@ -27,13 +27,13 @@ from miarobust.errors import UserError
 @pytest.mark.parametrize("text, value", [("8/255", 8 / 255), ("0.031", 0.031), ("1e-2", 0.01), (" 4/255 ", 4 / 255),
                                          ("0.5/1", 0.5), ("2", 2.0)])
 def test_parse_eps(text, value):
-    assert math.isclose(parse_eps(text), value, rel_tol=1e-12)
+    assert math.isclose(Eps.parse(text).value, value, rel_tol=1e-12) and Eps.parse(text).text == text.strip()
 
 
 @pytest.mark.parametrize("text", ["abc", "-1", "1/0", "0", "0/255", "nan", "inf", "-inf", "8/", "/255", "", "8/255/2"])
 def test_parse_eps_rejects(text):
     with pytest.raises(UserError, match=r"8/255"):
-        parse_eps(text)
+        Eps.parse(text)
 
 
 # -- a good run ----------------------------------------------------------------------------------------

@@ -42,9 +42,9 @@ def test_batch_depends_on_seed_and_index_only(tmp_path):
     """Batch 1 computed alone, in a fresh evaluator, equals batch 1 of a run over every batch."""
     cfg = RunConfig(model="mia_vit_fmnist", gate_mode="stochastic", eval_samples=2, attacks=("pgd",), n=12,
                     batch_size=6, steps=2, checks="off", out=str(tmp_path))
-    full = Evaluation(cfg)
+    full = Evaluation.from_config(cfg)
     rows = pd.concat([full.run_batch(0), full.run_batch(1)], ignore_index=True)
-    alone = Evaluation(cfg).run_batch(1)
+    alone = Evaluation.from_config(cfg).run_batch(1)
     pd.testing.assert_frame_equal(rows.iloc[6:].reset_index(drop=True), alone)
 
 

@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from miarobust.regress import REGRESSED, drop_test, run_config
+from miarobust.config import requested_config as run_config
+from miarobust.regress import REGRESSED, drop_test
 
 N = 40
 

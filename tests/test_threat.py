@@ -76,6 +76,6 @@ def test_evaluator_refuses_an_attack_outside_the_ball(monkeypatch: pytest.Monkey
 
     planted = replace(attacks.ATTACKS["pgd"], name="planted", build=outside)
     monkeypatch.setitem(attacks.ATTACKS, "planted", planted)
-    ev = Evaluation(RunConfig(model="vit_fmnist", data="synthetic", attacks=("planted",), n=2, batch_size=2))
+    ev = Evaluation.from_config(RunConfig(model="vit_fmnist", data="synthetic", attacks=("planted",), n=2, batch_size=2))
     with pytest.raises(ThreatModelViolation, match="planted exceeded the Linf ball"):
         ev.run_batch(0)

@@ -18,33 +18,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from enum import Enum
 from functools import cached_property
 
 import torch
 
 from miarobust.models.flops import VitDims, mia_macs, static_macs
-
-
-class GateMode(str, Enum):
-    """How gates are drawn; see the module docstring."""
-
-    FULL = "full"
-    DETERMINISTIC = "deterministic"
-    STOCHASTIC = "stochastic"
-    GUMBEL = "gumbel"
-
-    @classmethod
-    def parse(cls, value: str | GateMode) -> GateMode:
-        """The mode named `value`, or a UserError listing the modes."""
-        from miarobust.errors import UserError
-
-        try:
-            return cls(value)
-        except ValueError:
-            modes = ", ".join(m.value for m in cls if m is not cls.GUMBEL)
-            raise UserError(f"unknown gate mode '{value}': use one of {modes} ('gumbel' in training).") from None
-
+from miarobust.values import GateMode  # noqa: F401  (the modes, re-exported for the models)
 
 # (rank, world) while a distributed training step runs (train/ranks.py): random draws are the global batch's
 _shard: tuple[int, int] = (0, 1)
