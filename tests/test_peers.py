@@ -220,6 +220,30 @@ def test_dynamicvit_trains_from_a_static_checkpoint_and_runs_at_its_own_keep_rat
     assert s["gmacs"]["clean_share_of_static"] == pytest.approx(share, abs=1e-4)
 
 
+def test_avit_trains_its_halting_toward_the_budgets_depth(cli, tmp_path) -> None:
+    """`miarobust train` of A-ViT on 256 synthetic images: the ponder loss and depth prior make tokens halt (the
+    static start halts none), the log holds them with the time per epoch, and the checkpoint runs by name."""
+    import pandas as pd
+
+    from miarobust.models.flops import VitDims
+    from miarobust.train.avit import depth_prior, target_depth
+
+    dims = VitDims.of(timm.create_model("vit_fmnist"))
+    assert target_depth(dims, 1.0) == dims.depth and 1 < target_depth(dims, 0.5) < 0.6 * dims.depth
+    prior = depth_prior(dims.depth, 3.0)
+    assert float(prior.sum()) == pytest.approx(1.0) and int(prior.argmax()) == 2
+    r = cli("train", "--model", "avit_vit_fmnist", "--init", "vit_fmnist", "--data", "synthetic", "--epochs", "1",
+            "--batch-size", "64", "--budget", "0.5", "--lr", "3e-3", "--out", str(tmp_path / "avit"))
+    assert r.code == 0, r.err
+    log = pd.read_csv(tmp_path / "avit" / "log.csv")
+    assert {"test_acc", "flops_ratio", "ponder", "prior_kl", "train_depth", "target_depth", "train_seconds",
+            "img_per_s"} <= set(log.columns)
+    assert log["train_depth"].iloc[-1] < dims.depth and log["flops_ratio"].iloc[-1] < 1.0  # tokens halt
+    r = cli("run", "--model", "avit_vit_fmnist", "--checkpoint", str(tmp_path / "avit" / "model.safetensors"),
+            "--data", "synthetic", "--n", "8", "--attack", "none", "--checks", "off", "--out", str(tmp_path / "runs"))
+    assert r.code == 0, r.err
+
+
 def test_training_refuses_what_a_family_does_not_train(cli, tmp_path) -> None:
     r = cli("train", "--model", "tome_vit_fmnist", "--data", "synthetic", "--out", str(tmp_path / "t"))
     assert r.code == 2 and "training-free" in r.err and not (tmp_path / "t").exists()
@@ -228,6 +252,8 @@ def test_training_refuses_what_a_family_does_not_train(cli, tmp_path) -> None:
     r = cli("train", "--model", "dynamicvit_vit_fmnist", "--budget", "0.6", "--cost", "latency", "--data", "synthetic",
             "--out", str(tmp_path / "t"))
     assert r.code == 2 and "MIA-Former" in r.err
+    r = cli("train", "--model", "avit_vit_fmnist", "--data", "synthetic", "--out", str(tmp_path / "t"))
+    assert r.code == 2 and "--budget" in r.err and not (tmp_path / "t").exists()
 
 
 def test_flops_prints_a_fixed_compute_peers_own_macs(cli) -> None:
@@ -254,5 +280,29 @@ def test_adavit_is_mia_formers_mechanism_trained_without_rl(cli, tmp_path) -> No
     r = cli("run", "--model", "adavit_vit_fmnist", "--checkpoint", str(tmp_path / "ada" / "model.safetensors"),
             "--gate-mode", "stochastic", "--n", "4", "--out", str(tmp_path / "runs"))
     assert r.code == 2 and "no gate mode 'stochastic'" in r.err
-    r = cli("train", "--model", "avit_vit_fmnist", "--budget", "0.6", "--data", "synthetic", "--out", str(tmp_path / "a"))
-    assert r.code == 2 and "not built yet" in r.err and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("peer,name", [("dynamicvit_vit_fmnist", "DynamicViT"), ("avit_vit_fmnist", "A-ViT"),
+                                       ("tome_vit_fmnist", "ToMe"), ("adavit_vit_fmnist", "AdaViT")])
+def test_every_family_refuses_what_it_cannot_honour_in_its_own_name(peer: str, name: str) -> None:
+    """One base class: dynamic sizes, attention masks and a missing class token are refused naming the family;
+    timm's per-block features are the static model's with the mechanism off and the gated sub-model's (MIA-Former's
+    family) or refused (token-changing families) with it on, never silently the static model's."""
+    with pytest.raises(ValueError, match=f"^{name} .*img_size"):
+        timm.create_model(peer, dynamic_img_size=True)
+    with pytest.raises(ValueError, match=f"^{name} .*class_token=True"):
+        timm.create_model(peer, class_token=False, global_pool="avg")
+    base, model, x = pair(peer, "vit_fmnist")
+    with pytest.raises(ValueError, match=f"^{name}'s blocks take no attention mask"):
+        model.forward_features(x, attn_mask=torch.ones(1, 1, 50, 50, dtype=torch.bool))
+    with torch.no_grad():
+        ref = base.forward_intermediates(x, intermediates_only=True)
+        model.set_gate_mode("full")
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ref, model.forward_intermediates(x, intermediates_only=True)))
+        model.set_gate_mode("deterministic")
+        if name == "AdaViT":  # MIA-Former's blocks keep every token's place: the gated features
+            feats = model.forward_intermediates(x, intermediates_only=True)
+            assert len(feats) == len(ref) and model.last is not None
+        else:
+            with pytest.raises(ValueError, match=f"^{name} changes the tokens .*set_gate_mode\\('full'\\)"):
+                model.forward_intermediates(x)

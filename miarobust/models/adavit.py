@@ -28,7 +28,8 @@ from miarobust.models.vit import ARCHS, create_vit, fmnist_cfg, imagenet_cfg
 class AdaViT(MIAFormer):
     """MIA-Former's gated ViT with AdaViT's inference (deterministic decisions only); see the module docstring."""
 
-    GATE_MODES = (GateMode.FULL, GateMode.DETERMINISTIC)  # models/adaptive.py
+    NAME = "AdaViT"  # models/adaptive.py
+    GATE_MODES = (GateMode.FULL, GateMode.DETERMINISTIC)
 
 
 def _adavit(variant: str, arch: str, cfg: Any, pretrained: bool, kwargs: dict[str, Any]) -> AdaViT:

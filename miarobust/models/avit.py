@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 from timm.models import register_model
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from miarobust.models.adaptive import AdaptiveVisionTransformer
 from miarobust.models.flops import VitDims, block_macs
 from miarobust.models.gates import GateMode, straight_through
 from miarobust.models.mia_former import MIABlock
@@ -40,7 +40,7 @@ class HaltRecord:
         self.macs, self.running, self.halting, self.ponder = macs, running, halting, ponder
 
 
-class AViT(VisionTransformer):
+class AViT(AdaptiveVisionTransformer):
     """timm's VisionTransformer with A-ViT's token halting; see the module docstring.
 
     Args (beyond timm's): gamma, beta (the halting score's scale and offset; beta -10 starts with almost no
@@ -49,31 +49,20 @@ class AViT(VisionTransformer):
     them.
     """
 
-    GATE_MODES = (GateMode.FULL, GateMode.DETERMINISTIC)  # models/adaptive.py
+    NAME, CLASS_TOKEN = "A-ViT", "classifies from the class token, which never halts"  # models/adaptive.py
+    GATE_MODES = (GateMode.FULL, GateMode.DETERMINISTIC)
     VARIABLE_COMPUTE = True
 
     def __init__(self, *args: Any, gamma: float = 10.0, beta: float = -10.0, eps: float = 0.01, channel: int = 0,
-                 gate_mode: str = "deterministic", **kwargs: Any):
-        if kwargs.get("dynamic_img_size") or kwargs.get("dynamic_img_pad"):
-            raise ValueError("A-ViT counts MACs for the image size it is built for: build it with img_size=(H, W) of "
-                             "your images instead of dynamic_img_size / dynamic_img_pad")
+                 **kwargs: Any):
         super().__init__(*args, block_fn=MIABlock, **kwargs)
-        if self.cls_token is None or self.global_pool != "token" or self.num_prefix_tokens != 1:
-            raise ValueError("A-ViT classifies from the class token, which never halts: build it with "
-                             "class_token=True, global_pool='token' and no register tokens")
         if not 0 < eps < 1 or not 0 <= channel < self.embed_dim:
             raise ValueError(f"eps must be in (0, 1) and channel in 0..{self.embed_dim - 1}")
         self.controller = nn.Module()
         for name, value in (("gamma", gamma), ("beta", beta), ("eps", eps)):
             self.controller.register_buffer(name, torch.tensor(float(value)))
         self.channel = channel
-        self.gate_mode = GateMode.parse(gate_mode)
-        self.straight_through = False
         self.last: HaltRecord | None = None
-
-    def set_gate_mode(self, mode: str | GateMode) -> AViT:
-        self.gate_mode = GateMode.parse(mode)
-        return self
 
     def halting_score(self, x: torch.Tensor) -> torch.Tensor:
         """h of every patch token of x (B, N, D): (B, N - 1)."""
@@ -81,8 +70,7 @@ class AViT(VisionTransformer):
         return torch.sigmoid(c.gamma * x[:, 1:, self.channel] + c.beta)
 
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("A-ViT's blocks take no attention mask: call forward_features without attn_mask and is_causal")
+        self.check_no_mask(attn_mask, is_causal)
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         dims = VitDims.of(self)
         b, n = x.shape[0], x.shape[1] - 1

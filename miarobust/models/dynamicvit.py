@@ -28,11 +28,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.models import register_model
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from miarobust.models.adaptive import AdaptiveVisionTransformer
 from miarobust.models.flops import VitDims, block_macs
 from miarobust.models.gates import GateMode, straight_through, uniform_like
+from miarobust.models.mia_former import masked_block
 from miarobust.models.vit import ARCHS, create_vit, fmnist_cfg, imagenet_cfg
 
 
@@ -75,25 +76,19 @@ class DynamicRecord:
         self.macs, self.keep, self.decisions = macs, keep, decisions
 
 
-class DynamicViT(VisionTransformer):
+class DynamicViT(AdaptiveVisionTransformer):
     """timm's VisionTransformer with DynamicViT's token scorers; see the module docstring.
 
     Args (beyond timm's): keep_ratio rho (per stage of the original patch tokens: rho, rho^2, ...); prune_at:
     the blocks before which a stage prunes (default: depth/4, depth/2, 3 depth/4 as in the paper); gate_mode.
     """
 
-    GATE_MODES = (GateMode.FULL, GateMode.DETERMINISTIC)  # models/adaptive.py
+    NAME, FIXED_SIZE = "DynamicViT", "keeps a fixed number of tokens per stage"  # models/adaptive.py
+    GATE_MODES = (GateMode.FULL, GateMode.DETERMINISTIC)
     VARIABLE_COMPUTE = False
 
-    def __init__(self, *args: Any, keep_ratio: float = 0.7, prune_at: tuple[int, ...] | None = None,
-                 gate_mode: str = "deterministic", **kwargs: Any):
-        if kwargs.get("dynamic_img_size") or kwargs.get("dynamic_img_pad"):
-            raise ValueError("DynamicViT keeps a fixed number of tokens per stage: build it with img_size=(H, W) of "
-                             "your images instead of dynamic_img_size / dynamic_img_pad")
+    def __init__(self, *args: Any, keep_ratio: float = 0.7, prune_at: tuple[int, ...] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if self.cls_token is None or self.global_pool != "token" or self.num_prefix_tokens != 1:
-            raise ValueError("DynamicViT classifies from the class token: build it with class_token=True, "
-                             "global_pool='token' and no register tokens")
         if not 0 < keep_ratio <= 1:
             raise ValueError(f"keep_ratio must be in (0, 1], not {keep_ratio}")
         depth = len(self.blocks)
@@ -106,13 +101,7 @@ class DynamicViT(VisionTransformer):
         # the keep ratio is the scorers' setting: saved with them, so a checkpoint evaluates at the ratio it was
         # trained for (a static checkpoint lacks it: the constructor's stays)
         self.controller.register_buffer("keep_ratio", torch.tensor(float(keep_ratio)))
-        self.gate_mode = GateMode.parse(gate_mode)
-        self.straight_through = False
         self.last: DynamicRecord | None = None
-
-    def set_gate_mode(self, mode: str | GateMode) -> DynamicViT:
-        self.gate_mode = GateMode.parse(mode)
-        return self
 
     @property
     def keep_ratio(self) -> float:
@@ -147,9 +136,7 @@ class DynamicViT(VisionTransformer):
         return int(dims.patch_macs + sum(block_macs(dims, t, dims.num_heads) for t in tokens) + scoring + dims.head_macs)
 
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("DynamicViT's blocks take no attention mask: call forward_features without attn_mask and "
-                             "is_causal")
+        self.check_no_mask(attn_mask, is_causal)
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         b = x.shape[0]
         if self.gate_mode is GateMode.FULL:
@@ -182,7 +169,7 @@ class DynamicViT(VisionTransformer):
                 policy = hard
                 keeps.append(policy.detach() > 0.5)
                 decisions.append(policy)
-            x = _masked_block(blk, x, torch.cat([policy.new_ones(b, 1), policy], 1))
+            x = masked_block(blk, x, torch.cat([policy.new_ones(b, 1), policy], 1))
         self.last = DynamicRecord(x.new_full((b,), float(self.macs_per_image())), torch.stack(keeps, 1), decisions)
         return x
 
@@ -211,24 +198,6 @@ def _gumbel_keep(logp: torch.Tensor) -> torch.Tensor:
     u = uniform_like(logp).clamp(1e-10, 1 - 1e-10)
     soft = (logp - (-u.log()).log()).softmax(-1)[..., 0]
     return straight_through((soft.detach() > 0.5).to(soft.dtype), soft)
-
-
-def _masked_block(blk: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """timm's pre-norm block with attention over the kept keys only: softmax(q k^T) restricted to keep (B, N),
-    written so the mask carries a gradient (the masked softmax of DynamicViT's training)."""
-    a = blk.attn
-    b, n, d = x.shape
-    qkv = a.qkv(blk.norm1(x)).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = a.q_norm(q), a.k_norm(k)
-    s = q * a.scale @ k.transpose(-2, -1)
-    kept = keep[:, None, None, :]
-    top = s.masked_fill(kept.detach() == 0, float("-inf")).amax(-1, keepdim=True).detach()  # the CLS key is kept
-    w = (s - top).clamp_max(0).exp() * kept
-    w = a.attn_drop(w / w.sum(-1, keepdim=True))
-    o = a.proj_drop(a.proj((w @ v).transpose(1, 2).reshape(b, n, a.attn_dim)))
-    x = x + blk.drop_path1(blk.ls1(o))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
 def _dynamicvit(variant: str, arch: str, cfg: Any, pretrained: bool, kwargs: dict[str, Any]) -> DynamicViT:

@@ -29,6 +29,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from miarobust.models.adaptive import AdaptiveVisionTransformer
 from miarobust.models.flops import VitDims
 from miarobust.models.gates import GateMode, GateRecord, sample_gates
 from miarobust.models.mia_exec import SlicedExecution, Uncopied, forward_one_image, norm_args, tree_version
@@ -96,19 +97,30 @@ class MIABlock(SlicedExecution, Uncopied, Block):
     def forward_masked(self, x: torch.Tensor, blk: torch.Tensor, heads: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Dense forward with gates as multipliers. x (B, N, D); blk (B,); heads (B, H); tokens (B, N)."""
         self._check()
-        a = self.attn
-        b, n, d = x.shape
-        qkv = a.qkv(self.norm1(x)).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = a.q_norm(q), a.k_norm(k)
-        # softmax over the kept keys only, written so the key gates receive a gradient (DynamicViT's form)
-        w = (q * a.scale @ k.transpose(-2, -1)).softmax(-1) * tokens[:, None, None, :]
-        w = a.attn_drop(w / w.sum(-1, keepdim=True))
-        o = (w @ v) * heads[:, :, None, None]
-        o = a.proj_drop(a.proj(o.transpose(1, 2).reshape(b, n, a.attn_dim)))
-        update = (blk[:, None] * tokens)[..., None]
-        x = x + update * self.drop_path1(self.ls1(o))
-        return x + update * self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return masked_block(self, x, tokens, heads, blk[:, None] * tokens)
+
+
+def masked_block(blk: Block, x: torch.Tensor, keys: torch.Tensor, heads: torch.Tensor | None = None,
+                 update: torch.Tensor | None = None) -> torch.Tensor:
+    """A timm pre-norm block with its decisions as multipliers, dense: attention over the kept `keys` (B, N) only,
+    the kept `heads` (B, H), and each token's residual updates scaled by `update` (B, N). The softmax over the kept
+    keys is the full softmax masked and renormalised (DynamicViT's form), so the key gates receive a gradient."""
+    a = blk.attn
+    b, n, d = x.shape
+    qkv = a.qkv(blk.norm1(x)).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = a.q_norm(q), a.k_norm(k)
+    w = (q * a.scale @ k.transpose(-2, -1)).softmax(-1) * keys[:, None, None, :]
+    w = a.attn_drop(w / w.sum(-1, keepdim=True))
+    o = w @ v
+    if heads is not None:
+        o = o * heads[:, :, None, None]
+    o = a.proj_drop(a.proj(o.transpose(1, 2).reshape(b, n, a.attn_dim)))
+    if update is None:
+        x = x + blk.drop_path1(blk.ls1(o))
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    x = x + update[..., None] * blk.drop_path1(blk.ls1(o))
+    return x + update[..., None] * blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
 class _GatedSteps(list):
@@ -138,7 +150,7 @@ class _GatedSteps(list):
                           torch.stack(self.logits, 1))
 
 
-class MIAFormer(Uncopied, VisionTransformer):
+class MIAFormer(Uncopied, AdaptiveVisionTransformer):
     """A VisionTransformer with MIA-Former's controller. See the module docstring.
 
     Args (beyond timm's VisionTransformer):
@@ -151,30 +163,19 @@ class MIAFormer(Uncopied, VisionTransformer):
         last: the GateRecord of the latest forward.
     """
 
-    GATE_MODES = (GateMode.FULL, GateMode.DETERMINISTIC, GateMode.STOCHASTIC)  # models/adaptive.py
+    NAME, TOKEN_POOL = "MIA-Former", False  # models/adaptive.py
+    CLASS_TOKEN = "needs a class token (its decision heads read it, and it is the token that always runs)"
+    GATE_MODES = (GateMode.FULL, GateMode.DETERMINISTIC, GateMode.STOCHASTIC)
     VARIABLE_COMPUTE = True
 
-    def __init__(self, *args: Any, gate_mode: str = "deterministic", tau: float = 1.0,
-                 controller_bias: float = 3.0, **kwargs: Any):
-        if kwargs.get("dynamic_img_size") or kwargs.get("dynamic_img_pad"):
-            raise ValueError("MIA-Former counts MACs for the image size it is built for: build it with "
-                             "img_size=(H, W) of your images instead of dynamic_img_size / dynamic_img_pad")
+    def __init__(self, *args: Any, tau: float = 1.0, controller_bias: float = 3.0, **kwargs: Any):
         super().__init__(*args, block_fn=MIABlock, **kwargs)
-        if self.cls_token is None:  # the decision heads read it, and it is the token that always runs
-            raise ValueError("MIA-Former needs a class token: build it with class_token=True")
         self.controller = nn.ModuleList(
             DecisionHead(self.embed_dim, blk.attn.num_heads, controller_bias) for blk in self.blocks
         )
-        self.gate_mode = GateMode.parse(gate_mode)
         self.tau = tau
-        self.straight_through = False
         self.execution = "auto"
         self.last: GateRecord | None = None
-
-    def set_gate_mode(self, mode: str | GateMode) -> MIAFormer:
-        """Switch how gates are drawn (see gates.GateMode); returns self."""
-        self.gate_mode = GateMode.parse(mode)
-        return self
 
     _caches = ("_dims_cache",)
 
@@ -202,9 +203,7 @@ class MIAFormer(Uncopied, VisionTransformer):
 
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """Patch embedding, gated blocks, final norm; records the decisions in `self.last`."""
-        if attn_mask is not None or is_causal:
-            raise ValueError("MIA-Former's blocks take no attention mask: call forward_features without attn_mask and "
-                             "is_causal")
+        self.check_no_mask(attn_mask, is_causal)
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         b = x.shape[0]
         dims = self.dims
@@ -229,16 +228,15 @@ class MIAFormer(Uncopied, VisionTransformer):
     def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """timm's `forward_intermediates` (and so `features_only`) through the gated blocks: each block's output
         is that of the sub-model the gates chose; `self.last` records the decisions when every block ran."""
+        timm_loop = VisionTransformer.forward_intermediates  # the base class refuses: MIA-Former's tokens keep their places
         if self.gate_mode is GateMode.FULL:
-            return super().forward_intermediates(x, *args, **kwargs)
-        if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
-            raise ValueError("MIA-Former's gated blocks take no attention mask: call forward_intermediates without "
-                             "attn_mask and is_causal, or set_gate_mode('full') for the static model's")
+            return timm_loop(self, x, *args, **kwargs)
+        self.check_no_mask(kwargs.get("attn_mask"), kwargs.get("is_causal", False), "forward_intermediates")
         steps = self._gated_steps(self._masked())
         blocks = self._modules["blocks"]
         self._modules["blocks"] = steps  # timm's loop calls each step; no module is registered or replaced
         try:
-            out = super().forward_intermediates(x, *args, **kwargs)
+            out = timm_loop(self, x, *args, **kwargs)
         finally:
             self._modules["blocks"] = blocks
         self.last = steps.record if len(steps.logits) == len(blocks) else None

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.models import register_model
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from miarobust.models.adaptive import AdaptiveVisionTransformer
 from miarobust.models.flops import VitDims, block_macs
 from miarobust.models.gates import GateMode
 from miarobust.models.vit import ARCHS, create_vit, fmnist_cfg, imagenet_cfg
@@ -67,30 +67,19 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r
     return new_x, new_size
 
 
-class ToMe(VisionTransformer):
+class ToMe(AdaptiveVisionTransformer):
     """timm's VisionTransformer merging `r` tokens per block; see the module docstring."""
 
-    GATE_MODES = (GateMode.FULL, GateMode.DETERMINISTIC)  # models/adaptive.py
+    NAME, CLASS_TOKEN = "ToMe", "here protects the class token and classifies from it"  # models/adaptive.py
+    GATE_MODES = (GateMode.FULL, GateMode.DETERMINISTIC)
     VARIABLE_COMPUTE = False
 
-    def __init__(self, *args: Any, r: int = 8, gate_mode: str = "deterministic", **kwargs: Any):
-        if kwargs.get("dynamic_img_size") or kwargs.get("dynamic_img_pad"):
-            raise ValueError("ToMe's MACs are counted for the image size it is built for: build it with "
-                             "img_size=(H, W) of your images instead of dynamic_img_size / dynamic_img_pad")
+    def __init__(self, *args: Any, r: int = 8, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if self.cls_token is None or self.global_pool != "token" or self.num_prefix_tokens != 1:
-            raise ValueError("ToMe here protects the class token and classifies from it: build it with "
-                             "class_token=True, global_pool='token' and no register tokens")
         if r < 0:
             raise ValueError(f"r (tokens merged per block) must be >= 0, not {r}")
         self.r = r
-        self.gate_mode = GateMode.parse(gate_mode)
-        self.straight_through = False
         self.last: MergeRecord | None = None
-
-    def set_gate_mode(self, mode: str | GateMode) -> ToMe:
-        self.gate_mode = GateMode.parse(mode)
-        return self
 
     def schedule(self, r: int | None = None) -> list[int]:
         """Tokens entering each block: each merges min(r, (n - 1) // 2) of them (A has the class token)."""
@@ -115,8 +104,7 @@ class ToMe(VisionTransformer):
         return int(total)
 
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("ToMe's blocks take no attention mask: call forward_features without attn_mask and is_causal")
+        self.check_no_mask(attn_mask, is_causal)
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         b = x.shape[0]
         r = 0 if self.gate_mode is GateMode.FULL else self.r

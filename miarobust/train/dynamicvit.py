@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from miarobust.data import Geometry, load_dataset
 from miarobust.models.flops import VitDims, static_macs
 from miarobust.models.normalize import Normalized
 from miarobust.train.loop import TrainConfig, fit
-from miarobust.train.mia import KD_WEIGHT, load_teacher
+from miarobust.train.mia import KD_WEIGHT, setup, splits
 
 log = logging.getLogger(__name__)
 
@@ -53,31 +52,28 @@ def keep_ratio_for(model: torch.nn.Module, budget: float) -> float:
 
 
 @torch.no_grad()
-def topk_metrics(model: Normalized, data: Any, device: torch.device, full: float, batch_size: int = 500) -> dict[str, float]:
-    """Test accuracy of the top-k inference and its MACs ratio."""
+def deterministic_metrics(model: Normalized, data: Any, device: torch.device, full: float,
+                          batch_size: int = 500) -> dict[str, float]:
+    """Test accuracy of the deterministic inference (DynamicViT's top-k, A-ViT's halting rule) and its mean MACs
+    ratio over the test images."""
     net = model.model
     before, training = net.gate_mode, net.training
     net.set_gate_mode("deterministic").eval()
-    correct = 0
+    correct, macs = 0, 0.0
     try:
         for x, y in DataLoader(data, batch_size=batch_size):
             correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
-        ratio = float(net.last.macs[0]) / full
+            macs += float(net.last.macs.sum())
     finally:
         net.set_gate_mode(before).train(training)
-    return {"test_acc": correct / len(data), "flops_ratio": ratio}
+    return {"test_acc": correct / len(data), "flops_ratio": macs / len(data) / full}
 
 
 def train_dynamicvit(cfg: TrainConfig) -> None:
     """Train `cfg.model` (a dynamicvit_* model) for MACs budget `cfg.budget` from the static checkpoint `cfg.init`."""
     from miarobust.models import create
 
-    torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
-    teacher_backbone, init = load_teacher(cfg, cfg.model.removeprefix("dynamicvit_"))
-    teacher = Normalized(teacher_backbone).to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher, init, device = setup(cfg, "dynamicvit_")
     backbone = create(cfg.model, checkpoint=init, pretrained=False, gate_mode="gumbel", num_classes=cfg.num_classes)
     from miarobust.models.registry import read_state_dict
 
@@ -87,9 +83,7 @@ def train_dynamicvit(cfg: TrainConfig) -> None:
              backbone.macs_per_image() / static_macs(VitDims.of(backbone)))
     model = Normalized(backbone).to(device)
     full = float(static_macs(VitDims.of(backbone)))
-    geometry = Geometry.of(backbone)
-    train_set = load_dataset(cfg.data, geometry, cfg.data_root, "train")
-    test_set = load_dataset(cfg.data, geometry, cfg.data_root, "test")
+    train_set, test_set = splits(cfg, backbone)
     kd_weight = float(cfg.extra.get("kd_weight", KD_WEIGHT))
 
     def features(net: Normalized, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +108,7 @@ def train_dynamicvit(cfg: TrainConfig) -> None:
                       "train_keep_last": shares[-1], "ratio_loss": ratio.item(), "token_loss": token.item()}
 
     def evaluate() -> dict[str, float]:
-        return {**topk_metrics(model, test_set, device, full), "budget": cfg.budget, "keep_ratio": backbone.keep_ratio}
+        return {**deterministic_metrics(model, test_set, device, full), "budget": cfg.budget, "keep_ratio": backbone.keep_ratio}
 
     scorers = [p for n, p in model.named_parameters() if ".controller." in f".{n}"]
     others = [p for n, p in model.named_parameters() if ".controller." not in f".{n}"]

@@ -128,6 +128,15 @@ def resolve_amp(amp: str | None, device: torch.device) -> str:
     return amp
 
 
+#: the log's columns that measure the machine, not the training: equal runs differ in these alone
+TIMING_COLUMNS = ("train_seconds", "img_per_s")
+
+
+def without_timing(log: pd.DataFrame) -> pd.DataFrame:
+    """A training log without its TIMING_COLUMNS, for comparing what was trained."""
+    return log.drop(columns=[c for c in TIMING_COLUMNS if c in log.columns])
+
+
 def fit(
     cfg: TrainConfig,
     model: torch.nn.Module,
@@ -216,11 +225,13 @@ def fit(
             rate = seen * w / max(time.perf_counter() - started, 1e-9)  # images of the global batch per second
             bar.set_postfix({**{k: f"{v / seen:.3f}" for k, v in sums.items()}, "img/s": f"{rate:.0f}"})
         sums, seen = reduce_sums(sums, seen)
+        seconds = time.perf_counter() - started  # the epoch's training, its evaluation left out
         model.eval()
         if r != 0:  # rank 0 evaluates and writes; the others go on to the next epoch's first all-reduce
             rows.append({"epoch": epoch + 1})
             continue
-        row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0], **{k: v / seen for k, v in sums.items()}, **evaluate()}
+        row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0], **{k: v / seen for k, v in sums.items()}, **evaluate(),
+               "train_seconds": seconds, "img_per_s": seen / max(seconds, 1e-9)}
         rows.append(row)
         log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
         tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),

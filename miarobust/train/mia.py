@@ -125,25 +125,41 @@ def load_teacher(cfg: TrainConfig, static_name: str) -> tuple[torch.nn.Module, s
     return teacher, init_file or teacher.checkpoint
 
 
+def setup(cfg: TrainConfig, *prefixes: str) -> tuple[Normalized, str | None, torch.device]:
+    """The start of every adaptive family's training: seeds, device, and the frozen teacher (the trained static
+    model that `cfg.model` without its family's prefix names) with the weights to start the student from."""
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    static_name = cfg.model
+    for prefix in prefixes:
+        static_name = static_name.removeprefix(prefix)
+    teacher_backbone, init = load_teacher(cfg, static_name)
+    teacher = Normalized(teacher_backbone).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, init, device
+
+
+def splits(cfg: TrainConfig, backbone: torch.nn.Module) -> tuple[Any, Any]:
+    """The train and test sets of `cfg.data`, fitted to the model's input."""
+    geometry = Geometry.of(backbone)
+    return (load_dataset(cfg.data, geometry, cfg.data_root, "train"),
+            load_dataset(cfg.data, geometry, cfg.data_root, "test"))
+
+
 def train_mia(cfg: TrainConfig) -> None:
     """Train `cfg.model` (an mia_* model, or an adavit_* one: the same without RL) at cost budget `cfg.budget` from
     the checkpoint `cfg.init`."""
     from miarobust.models import create
     from miarobust.models.flops import static_macs
 
-    torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
-    teacher_backbone, init = load_teacher(cfg, cfg.model.removeprefix("mia_").removeprefix("adavit_"))
-    teacher = Normalized(teacher_backbone).to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher, init, device = setup(cfg, "mia_", "adavit_")
+    teacher_backbone = teacher.model
     backbone = create(cfg.model, checkpoint=init, pretrained=False, gate_mode="gumbel", num_classes=cfg.num_classes)
     model = Normalized(backbone).to(device)
     dims = VitDims.of(backbone)
     full = float(static_macs(dims))
-    geometry = Geometry.of(backbone)
-    train_set = load_dataset(cfg.data, geometry, cfg.data_root, "train")
-    test_set = load_dataset(cfg.data, geometry, cfg.data_root, "test")
+    train_set, test_set = splits(cfg, backbone)
     rl_weight = float(cfg.extra.get("rl_weight", 1.0))
     flops_lambda = float(cfg.extra.get("flops_lambda", 1.0))
     kd_weight = float(cfg.extra.get("kd_weight", KD_WEIGHT))
