@@ -25,6 +25,8 @@ ROWS = [
     ("ToMe r = 6 (training-free)", ["--model", "tome_vit_fmnist", "--model-kwargs", "r=6"]),
     ("ToMe r = 8 (training-free)", ["--model", "tome_vit_fmnist", "--model-kwargs", "r=8"]),
     ("DynamicViT, MACs budget 0.5", ["--model", "dynamicvit_vit_fmnist", "--checkpoint", "dynamicvit_vit_fmnist_b05"]),
+    ("A-ViT, MACs budget 0.5", ["--model", "avit_vit_fmnist", "--checkpoint", "avit_vit_fmnist_b05"]),
+    ("AdaViT, MACs budget 0.5", ["--model", "adavit_vit_fmnist", "--checkpoint", "adavit_vit_fmnist_b05"]),
 ]
 
 

@@ -240,6 +240,9 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
 @click.option("--lr", type=Finite(min=0, min_open=True), default=None, help="Default 1e-3 (static) / 5e-4 backbone, 10x for the controller (MIA).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--accum-steps", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Micro-batches of --batch-size per optimizer step (gradient accumulation): the batch the optimizer "
+              "sees is batch size x accum steps x ranks.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Data-loading worker processes (0: in the training process).")
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None,
@@ -248,12 +251,12 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
               help="Classifier outputs (default: the model's own; a folder with more classes needs it).")
 @click.option("--init", default=None, help="Checkpoint to start from. MIA: a static one (default: the shipped "
               "vit_fmnist) or an MIA one of the same model, for a further stage.")
-@click.option("--teacher", default=None, help="MIA, DynamicViT: static checkpoint distilled from (default: --init if static, "
+@click.option("--teacher", default=None, help="Adaptive models: static checkpoint distilled from (default: --init if static, "
               "else the shipped one).")
 @click.option("--kd-weight", type=Finite(min=0), default=1.0, show_default=True,
-              help="MIA, DynamicViT: weight of the logits distillation loss.")
+              help="Adaptive models: weight of the logits distillation loss.")
 @click.option("--budget", type=Finite(0.05, 1.0), default=None,
-              help="MIA, DynamicViT: target share of the static model's cost (MACs, or batch-1 time with --cost latency).")
+              help="Adaptive models (mia_, adavit_, dynamicvit_, avit_): target share of the static model's cost (MACs, or batch-1 time with --cost latency).")
 @click.option("--cost", type=click.Choice(["macs", "latency"]), default="macs", show_default=True,
               help="MIA: what the budget and the reward count: MACs, or the batch-1 time predicted by a latency "
               "table measured on --device when the run starts (latency-aware controller).")

@@ -53,6 +53,7 @@ class TrainConfig:
     num_classes: int | None = None  # None: the model's own (10 for the Fashion-MNIST models, 1000 for DeiT)
     budget: float | None = None
     amp: str = "off"  # "bf16" | "fp16" | "off": autocast precision of the training steps (resolve_amp)
+    accum_steps: int = 1  # micro-batches of batch_size (per rank) whose gradients make one optimizer step
     workers: int = 0  # DataLoader worker processes (persistent, memory pinned for CUDA): deterministic, but the
     # shuffle and augmentation draws interleave differently than in-process, so not the images order of 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -128,6 +129,25 @@ def resolve_amp(amp: str | None, device: torch.device) -> str:
     return amp
 
 
+def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, sched: Any, flat: list[torch.nn.Parameter],
+                   pending: int, accum_steps: int) -> None:
+    """One optimizer step on the gradients of `pending` micro-batches, each backpropagated as loss / accum_steps:
+    averaged over the ranks, rescaled to a mean over the window where it was shorter, clipped, stepped."""
+    from miarobust.train.ranks import average_gradients
+
+    average_gradients(flat)
+    scaler.unscale_(opt)  # clip the true gradients (a no-op without fp16)
+    if pending != accum_steps:
+        for p in flat:
+            if p.grad is not None:
+                p.grad.mul_(accum_steps / pending)
+    torch.nn.utils.clip_grad_norm_(flat, 5.0)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
 #: the log's columns that measure the machine, not the training: equal runs differ in these alone
 TIMING_COLUMNS = ("train_seconds", "img_per_s")
 
@@ -155,7 +175,7 @@ def fit(
     from safetensors.torch import save
 
     from miarobust.models.gates import sharded
-    from miarobust.train.ranks import average_gradients, rank, reduce_sums, shard, world
+    from miarobust.train.ranks import rank, reduce_sums, shard, world
 
     out = Path(cfg.out)
     device = torch.device(cfg.device)
@@ -168,7 +188,7 @@ def fit(
     amp = AMP_DTYPES[resolve_amp(cfg.amp, device)]
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     flat = [p for g in opt.param_groups for p in g["params"]]
-    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * w))
+    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * w * cfg.accum_steps))
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, warmup))
     rows: list[dict[str, Any]] = []
@@ -204,6 +224,8 @@ def fit(
         seen = 0
         started = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=r != 0)
+        pending = 0  # micro-batches whose gradients wait for the optimizer step
+        opt.zero_grad(set_to_none=True)
         for x, y in bar:
             if len(y) < w:  # a last global batch too small to give every rank an image: skipped by all alike
                 continue
@@ -211,19 +233,18 @@ def fit(
             x, y = shard(x, r, w).to(device), shard(y, r, w).to(device)
             with sharded(r, w), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss, metrics = step(x, y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            average_gradients(flat)
-            scaler.unscale_(opt)  # clip the true gradients (a no-op without fp16)
-            torch.nn.utils.clip_grad_norm_(flat, 5.0)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            scaler.scale(loss / cfg.accum_steps).backward()
+            pending += 1
+            if pending == cfg.accum_steps:
+                optimizer_step(opt, scaler, sched, flat, pending, cfg.accum_steps)
+                pending = 0
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * len(y)
             seen += len(y)
             rate = seen * w / max(time.perf_counter() - started, 1e-9)  # images of the global batch per second
             bar.set_postfix({**{k: f"{v / seen:.3f}" for k, v in sums.items()}, "img/s": f"{rate:.0f}"})
+        if pending:  # the epoch's last, shorter window
+            optimizer_step(opt, scaler, sched, flat, pending, cfg.accum_steps)
         sums, seen = reduce_sums(sums, seen)
         seconds = time.perf_counter() - started  # the epoch's training, its evaluation left out
         model.eval()
