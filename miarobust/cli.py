@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from miarobust.errors import UserError
-from miarobust.values import NORMS
+from miarobust.values import NORMS, PRECISIONS
 
 MODELS = ("mia_vit_fmnist", "vit_fmnist", "deit_t", "deit_s", "deit_b", "mia_deit_t", "mia_deit_s", "mia_deit_b")
 
@@ -97,6 +97,9 @@ def model_option(default: str | None) -> Any:
 @click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="The model's forward, and so the attacks' gradients: fp32, or under autocast in bf16 or fp16 "
+              "(recorded in summary.json and the folder name).")
 @click.option("--checks", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Sanity checks of the evaluation (auto: all on small runs, a cheap subset otherwise).")
 @click.option("--out", default="runs", show_default=True, help="Folder that receives the run folder (runs/ is git-ignored; results/ holds the repository's committed runs).")
@@ -149,7 +152,8 @@ def make_run_config(kw: dict[str, Any]) -> Any:
 def format_summary(folder: Any, s: dict[str, Any]) -> str:
     """A few human-readable lines about a finished run."""
     c = s["clean"]
-    lines = [f"{s['model']} ({s.get('gate_mode') or 'static'}) on {s['data']}, n={s['n']}: results in {folder}",
+    precision = f", {s['precision']}" if s.get("precision", "fp32") != "fp32" else ""
+    lines = [f"{s['model']} ({s.get('gate_mode') or 'static'}{precision}) on {s['data']}, n={s['n']}: results in {folder}",
              f"  clean accuracy   {c['acc']:.4f}  [{c['ci95'][0]:.4f}, {c['ci95'][1]:.4f}]   "
              f"GMACs/image {s['gmacs']['clean_mean']:.4f}"]
     for a, v in s["attacks"].items():

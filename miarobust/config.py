@@ -19,7 +19,7 @@ from typing import Any
 
 from miarobust.errors import UserError
 from miarobust.results.io import run_id
-from miarobust.values import NORMS, Eps, GateMode, parse_norm
+from miarobust.values import NORMS, PRECISIONS, Eps, GateMode, parse_norm
 
 CHECK_MODES = ("auto", "on", "off")
 
@@ -58,6 +58,7 @@ class RunConfig:
     batch_size: int = 100
     seed: int = 0
     device: str = "cpu"
+    precision: str = "fp32"  # or bf16 / fp16: the model's forward (and so the attacks' gradients) under autocast
     checks: str = "auto"
     out: str = "runs"  # not results/: the repository keeps its committed runs there
 
@@ -68,6 +69,8 @@ class RunConfig:
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps) \
                 or self.eps <= 0:
             raise UserError(f"eps {self.eps_text} must be a finite number > 0, e.g. 8/255.")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision '{self.precision}': use {', '.join(PRECISIONS)}.")
         if self.checks not in CHECK_MODES:
             raise UserError(f"unknown checks mode '{self.checks}': use {', '.join(CHECK_MODES)}.")
         if not self.attacks:
@@ -100,14 +103,18 @@ class RunConfig:
             d.pop(k)
         if not d["model_kwargs"]:  # absent from the identity unless given: folders made before it keep their names
             d.pop("model_kwargs")
+        if d["precision"] == "fp32":  # the same: absent unless another precision is asked for
+            d.pop("precision")
         return d
 
     def folder_name(self) -> str:
-        """model-data-attacks-norm-eps[-gate mode][-eotK]-hash: the gate mode and EOT K where asked for, and
-        the hash of the identity, which tells apart the runs that differ in anything else."""
+        """model-data-attacks-norm-eps[-gate mode][-eotK][-precision]-hash: the gate mode, EOT K and a precision other
+        than fp32 where asked for, and the hash of the identity, which tells apart the runs that differ in anything
+        else."""
         attacks = "+".join(self.attacks)
         eps = self.eps_text.replace("/", "_")
-        asked = [v for v in (self.gate_mode, None if self.eot is None else f"eot{self.eot}") if v]
+        asked = [v for v in (self.gate_mode, None if self.eot is None else f"eot{self.eot}",
+                             None if self.precision == "fp32" else self.precision) if v]
         return "-".join([self.model, self.data, attacks, self.norm, eps, *asked, run_id(self.identity())])
 
 

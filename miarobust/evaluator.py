@@ -111,7 +111,8 @@ class Evaluation:
                 self.adaptive.set_gate_mode(check_gate_mode(self.adaptive, cfg.gate_mode, cfg.model))
             except ValueError as e:
                 raise UserError(f"--gate-mode: {e}.") from None
-        self.model = Normalized(model, mean, std).to(self.device).eval()
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        self.model = Normalized(model, mean, std, autocast=dtype).to(self.device).eval()
         if own:
             for p in self.model.parameters():
                 p.requires_grad_(False)
@@ -357,7 +358,7 @@ def finish(cfg: RunConfig, ev: Evaluation, folder: Path, seconds: float) -> dict
     write_csv(folder / SAMPLES, samples)
     samples = pd.read_csv(folder / SAMPLES)  # summarise what is on disk, so summary == f(samples.csv)
     extra: dict[str, Any] = {"gate_mode": ev.adaptive.gate_mode.value if ev.adaptive else None, "wall_seconds": seconds,
-                             "folder": folder.name}
+                             "folder": folder.name, "precision": cfg.precision}
     summary = summarize(cfg, samples, ev.attacks, ev.draws, extra, ev.acfg)
     # what the backbone costs with every gate open, rounded as samples.csv stores per-image GMACs (so that
     # full gates give a share of exactly 1)

@@ -13,6 +13,9 @@ from fractions import Fraction
 
 from miarobust.errors import UserError
 
+#: the precisions a model can be evaluated in: fp32, or under torch.autocast in bf16 or fp16 (the logits in fp32)
+PRECISIONS = ("fp32", "bf16", "fp16")
+
 #: the norms of the threat model: the ball's radius is measured per pixel (Linf) or over the whole image (L2)
 NORMS = ("Linf", "L2")
 

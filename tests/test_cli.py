@@ -480,3 +480,25 @@ def test_model_kwargs_and_weight_messages(cli, tmp_path):
     torch.save(torch.nn.Linear(2, 2), whole)  # a whole module, not its state dict
     assert_user_error(cli("run", *TINY, "--checkpoint", str(whole), "--out", str(out)), out,
                       "torch.save(model.state_dict(), path)")
+
+
+def test_precision_is_asked_for_recorded_and_named(cli, tmp_path):
+    """--precision bf16 runs the model under autocast: summary.json and the folder name say so, the answers mostly
+    agree with fp32's, and fp32 keeps the folder names made before the option existed."""
+    import pandas as pd
+
+    from miarobust.config import RunConfig
+
+    common = ["run", "--model", "vit_fmnist", "--n", "16", "--batch-size", "16", "--attack", "fgsm", "--checks", "off"]
+    r = cli(*common, "--precision", "bf16", "--out", str(tmp_path / "bf16"))
+    assert r.code == 0, r.err
+    r = cli(*common, "--out", str(tmp_path / "fp32"))
+    assert r.code == 0, r.err
+    (half,), (full,) = (tmp_path / "bf16").iterdir(), (tmp_path / "fp32").iterdir()
+    assert "-bf16-" in half.name and "fp32" not in full.name
+    assert json.loads((half / "summary.json").read_text())["precision"] == "bf16"
+    a, b = pd.read_csv(half / "samples.csv"), pd.read_csv(full / "samples.csv")
+    assert (a.clean_pred == b.clean_pred).mean() >= 0.9
+    assert RunConfig().identity() == RunConfig(precision="fp32").identity() and "precision" not in RunConfig().identity()
+    r = cli(*common, "--precision", "fp8", "--out", str(tmp_path / "x"))
+    assert r.code == 2 and not (tmp_path / "x").exists()

@@ -11,17 +11,24 @@ from torch import nn
 class Normalized(nn.Module):
     """`model((x - mean) / std)` for x in [0, 1] of shape (B, C, H, W); mean/std from the model's timm cfg.
 
-    The wrapped model stays reachable as `.model`, so gate modes and FLOPs are read through the wrapper.
+    The wrapped model stays reachable as `.model`, so gate modes and FLOPs are read through the wrapper. With
+    `autocast` (torch.bfloat16 or torch.float16) the model runs under torch.autocast and its logits come back in fp32.
     """
 
-    def __init__(self, model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    def __init__(self, model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 autocast: torch.dtype | None = None):
         super().__init__()
         cfg = getattr(model, "pretrained_cfg", None) or {}
         mean = mean if mean is not None else cfg.get("mean", (0.0,))
         std = std if std is not None else cfg.get("std", (1.0,))
         self.model = model
+        self.autocast = autocast
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)
+        if self.autocast is None:
+            return self.model((x - self.mean) / self.std)
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            out = self.model((x - self.mean) / self.std)
+        return out.float()
