@@ -240,6 +240,8 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
 @click.option("--out", default=None, help="Run folder (default runs/<model>[-b<budget>]); rerun to resume.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default 12 (static) / 4 (MIA).")
 @click.option("--augment/--no-augment", default=False, show_default=True, help="Random shifts (2 px) and flips.")
+@click.option("--timm-augment", is_flag=True, help="DeiT's training augmentation from timm (RandAugment, random "
+              "resized crops, flips, random erasing) on --data folder or imagenet; off for fine-tuning a controller.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--lr", type=Finite(min=0, min_open=True), default=None, help="Default 1e-3 (static) / 5e-4 backbone, 10x for the controller (MIA).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)

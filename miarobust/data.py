@@ -202,18 +202,27 @@ def load_image(path: str) -> Any:
     return img.convert("RGB")
 
 
+#: DeiT's training augmentation in timm's terms: RandAugment (magnitude 9, noise 0.5, increasing), random resized
+#: crops, horizontal flips, random erasing of a quarter of the images (per-pixel noise)
+DEIT_AUGMENT = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "re_mode": "pixel", "re_count": 1}
+
+
 class CheckedImageFolder(Dataset):
     """torchvision's ImageFolder that reports an unreadable image as a UserError naming the file."""
 
-    def __init__(self, root: Path, geometry: Geometry):
+    def __init__(self, root: Path, geometry: Geometry, augment: bool = False):
         from timm.data import create_transform
         from torchvision.datasets import ImageFolder
 
-        transform = create_transform(
-            input_size=(geometry.channels, geometry.height, geometry.width), is_training=False,
-            interpolation=geometry.interpolation, crop_pct=geometry.crop_pct,
-            mean=(0.0,) * 3, std=(1.0,) * 3,  # keep [0, 1]: the model normalises
-        )
+        size = (geometry.channels, geometry.height, geometry.width)
+        if augment:  # DeiT's training augmentation, as timm builds it (mixup and cutmix, batch-level, left out)
+            transform = create_transform(input_size=size, is_training=True, interpolation="bicubic", **DEIT_AUGMENT,
+                                         mean=(0.0,) * 3, std=(1.0,) * 3)
+        else:
+            transform = create_transform(
+                input_size=size, is_training=False, interpolation=geometry.interpolation, crop_pct=geometry.crop_pct,
+                mean=(0.0,) * 3, std=(1.0,) * 3,  # keep [0, 1]: the model normalises
+            )
         try:  # an empty class folder keeps its place in the class order (its index is the model's output index)
             self.folder = ImageFolder(str(root), transform=transform, loader=load_image, allow_empty=True)
         except (FileNotFoundError, OSError) as e:
@@ -243,16 +252,17 @@ class CheckedImageFolder(Dataset):
         return len(self.classes)
 
 
-def folder(root: str | None, split: str, geometry: Geometry) -> CheckedImageFolder:
-    """Any ImageFolder (root/<class>/<image>), with the model's eval transform from timm's data config."""
-    return CheckedImageFolder(_check_root(root, "image folder"), geometry)
+def folder(root: str | None, split: str, geometry: Geometry, augment: bool = False) -> CheckedImageFolder:
+    """Any ImageFolder (root/<class>/<image>), with the model's eval transform from timm's data config (or, with
+    `augment`, DeiT's training augmentation)."""
+    return CheckedImageFolder(_check_root(root, "image folder"), geometry, augment)
 
 
-def imagenet(root: str | None, split: str, geometry: Geometry) -> CheckedImageFolder:
+def imagenet(root: str | None, split: str, geometry: Geometry, augment: bool = False) -> CheckedImageFolder:
     """ImageNet as an ImageFolder: root/val (or root/train) if present, else root itself."""
     path = _check_root(root, "ImageNet")
     sub = path / ("train" if split == "train" else "val")
-    return CheckedImageFolder(sub if sub.is_dir() else path, geometry)
+    return CheckedImageFolder(sub if sub.is_dir() else path, geometry, augment)
 
 
 class Synthetic(Dataset):
@@ -293,10 +303,17 @@ DATASETS: dict[str, Callable[[str | None, str, Geometry], Dataset]] = {
 }
 
 
-def load_dataset(name: str, geometry: Geometry, root: str | None = None, split: str = "test") -> Dataset:
-    """The data set `name` (a key of DATASETS), fitted to `geometry`."""
+def load_dataset(name: str, geometry: Geometry, root: str | None = None, split: str = "test",
+                 augment: bool = False) -> Dataset:
+    """The data set `name` (a key of DATASETS), fitted to `geometry`; `augment`: DeiT's training augmentation, for
+    the image-folder data sets."""
     if name not in DATASETS:
         raise unknown_name("dataset", name, DATASETS)
     if split not in ("train", "test"):
         raise UserError(f"unknown split '{split}': use train or test.")
+    if augment:
+        if name not in ("folder", "imagenet"):
+            raise UserError(f"--timm-augment is DeiT's augmentation of image files (--data folder or imagenet); "
+                            f"{name} holds small arrays: use --augment (shifts and flips).")
+        return DATASETS[name](root, split, geometry, augment=True)
     return DATASETS[name](root, split, geometry)

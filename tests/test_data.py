@@ -290,3 +290,22 @@ def test_folder_reads_16_bit_greyscale_on_its_full_range(tmp_path):
     x, _ = load_dataset("folder", Geometry(1, 28, 28), root=str(tmp_path))[0]
     want = torch.from_numpy(np.round(wide / 65535 * 255) / 255).float()[None]
     assert (x - want).abs().max() < 1e-6 and 0.9 < float(x.max()) < 0.96  # not clipped to white
+
+
+def test_folder_with_deits_training_augmentation(image_root):
+    """augment=True: timm's DeiT training transform (random crops, RandAugment, erasing) in [0, 1]-ish pixels at the
+    model's size, different per draw, reproducible from the seeds; array data sets refuse it in one line."""
+    import random
+
+    ds = load_dataset("folder", RGB224, root=str(image_root), augment=True)
+    draws = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        draws.append(ds[0][0])
+    assert draws[0].shape == (3, 224, 224) and torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    plain = load_dataset("folder", RGB224, root=str(image_root))[0][0]
+    assert not torch.equal(draws[0], plain)
+    with pytest.raises(UserError, match="--augment"):
+        load_dataset("embedded", GREY28, augment=True)

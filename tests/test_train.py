@@ -224,3 +224,12 @@ def test_gradient_accumulation_trains_what_the_larger_batch_trains(cli, tmp_path
     assert json.loads((tmp_path / "acc" / "config.json").read_text())["accum_steps"] == 2
     r = cli(*common, "--batch-size", "48", "--accum-steps", "2", "--out", str(tmp_path / "odd"))  # 96 + 96 + 64
     assert r.code == 0, r.err
+
+
+def test_timm_augment_trains_on_an_image_folder_and_is_refused_elsewhere(cli, tmp_path, image_root) -> None:
+    common = ["train", "--model", "vit_fmnist", "--epochs", "1", "--batch-size", "4", "--timm-augment"]
+    r = cli(*common, "--data", "folder", "--data-root", str(image_root), "--out", str(tmp_path / "f"))
+    assert r.code == 0, r.err
+    assert json.loads((tmp_path / "f" / "config.json").read_text())["timm_augment"] is True
+    r = cli(*common, "--data", "synthetic", "--out", str(tmp_path / "s"))
+    assert r.code == 2 and "--augment" in r.err and not (tmp_path / "s").exists()

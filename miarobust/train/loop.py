@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -46,7 +48,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 0.3
     label_smoothing: float = 0.1
-    augment: bool = False
+    augment: bool = False  # random 2-px shifts and flips of the batch (array data sets)
+    timm_augment: bool = False  # DeiT's per-image training augmentation (image-folder data sets; data.DEIT_AUGMENT)
     seed: int = 0
     device: str = "cpu"
     init: str | None = None
@@ -215,6 +218,8 @@ def fit(
     for epoch in range(start, cfg.epochs):
         gen.manual_seed(cfg.seed * 1000 + epoch)  # the epoch's shuffle and augmentation do not depend on resumes
         torch.manual_seed(cfg.seed * 1000 + epoch)
+        random.seed(cfg.seed * 1000 + epoch)  # timm's RandAugment draws from Python's and NumPy's generators
+        np.random.seed(cfg.seed * 1000 + epoch)
         if on_epoch_start:
             on_epoch_start(epoch)
         loader = DataLoader(train_set, batch_size=cfg.batch_size * w, shuffle=True, generator=gen, drop_last=False,

@@ -143,7 +143,7 @@ def setup(cfg: TrainConfig, *prefixes: str) -> tuple[Normalized, str | None, tor
 def splits(cfg: TrainConfig, backbone: torch.nn.Module) -> tuple[Any, Any]:
     """The train and test sets of `cfg.data`, fitted to the model's input."""
     geometry = Geometry.of(backbone)
-    return (load_dataset(cfg.data, geometry, cfg.data_root, "train"),
+    return (load_dataset(cfg.data, geometry, cfg.data_root, "train", augment=cfg.timm_augment),
             load_dataset(cfg.data, geometry, cfg.data_root, "test"))
 
 

@@ -29,7 +29,7 @@ def train_static(cfg: TrainConfig) -> None:
     backbone = create(cfg.model, checkpoint=cfg.init, pretrained=False, num_classes=cfg.num_classes)
     model = Normalized(backbone).to(device)
     geometry = Geometry.of(backbone)
-    train_set = load_dataset(cfg.data, geometry, cfg.data_root, "train")
+    train_set = load_dataset(cfg.data, geometry, cfg.data_root, "train", augment=cfg.timm_augment)
     test_set = load_dataset(cfg.data, geometry, cfg.data_root, "test")
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
