@@ -238,3 +238,24 @@ def test_variants_of_a_model_are_told_apart_and_runs_without_attack_have_no_robu
     fig = plot_accuracy_vs_gmacs(table)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert not any(label.startswith("robust") or "frontier, robust" in label for label in labels)
+
+
+def test_series_colors_group_by_family():
+    """Each family has its hue, its members shades of it, the legend family by family; a series of no known family
+    (a user's module) falls back to the categorical palette for the whole plot."""
+    from matplotlib import colormaps
+
+    from miarobust.report.plots import FAMILY_MAPS, _series_colors, family_of
+
+    keys = ["tome_vit_fmnist, r=6 (deterministic)", "mia_vit_fmnist, mia_vit_fmnist_b07 (deterministic)",
+            "vit_fmnist (None)", "mia_vit_fmnist (stochastic)", "avit_vit_fmnist (deterministic)",
+            "adavit_vit_fmnist (deterministic)", "dynamicvit_vit_fmnist (deterministic)"]
+    colors = _series_colors(keys)
+    assert [family_of(k) for k in colors] == ["static ViT", "MIA-Former", "MIA-Former", "DynamicViT", "A-ViT", "AdaViT",
+                                              "ToMe"]
+    mia = [c for k, c in colors.items() if family_of(k) == "MIA-Former"]
+    assert len(set(mia)) == 2  # two shades
+    blues = colormaps[FAMILY_MAPS["MIA-Former"]]
+    assert all(any(abs(c[2] - blues(t)[2]) < 1e-9 for t in (0.45, 0.95)) for c in mia)
+    mixed = _series_colors([*keys, "Mine-0123456789 (None)"])
+    assert len(set(mixed.values())) == len(mixed)  # tab20: every series its own color

@@ -23,12 +23,42 @@ from miarobust.results.read import WORST, Run
 PLOTS = ("accuracy_vs_gmacs", "robust_vs_eps", "gmacs_hist", "robust_vs_eot")
 
 
+#: one hue per model family, its members in shades of it, so a plot with many runs reads family by family
+FAMILY_MAPS = {"static ViT": "Greys", "MIA-Former": "Blues", "DynamicViT": "Oranges", "A-ViT": "Greens",
+               "AdaViT": "Purples", "ToMe": "Reds"}
+
+
+def family_of(key: Any) -> str | None:
+    """The model family (models.registry.FAMILIES) a series label starts with, or None."""
+    from miarobust.models.registry import FAMILIES
+
+    text = str(key)
+    best = None
+    for family, members in FAMILIES.items():
+        for m in members:
+            if text.startswith(m) and (best is None or len(m) > len(best[1])):
+                best = (family, m)
+    return best[0] if best else None
+
+
 def _series_colors(keys: list[Any]) -> dict[Any, Any]:
+    """A color per series: the shades of its family's hue where every series belongs to a known family, else the
+    categorical palette. Sorted family by family."""
     from matplotlib import colormaps
 
     unique = sorted(set(keys), key=str)
-    cmap = colormaps["tab10" if len(unique) <= 10 else "tab20"]
-    return {k: cmap(i % cmap.N) for i, k in enumerate(unique)}
+    families = {k: family_of(k) for k in unique}
+    if not unique or any(f is None for f in families.values()):
+        cmap = colormaps["tab10" if len(unique) <= 10 else "tab20"]
+        return {k: cmap(i % cmap.N) for i, k in enumerate(unique)}
+    order = list(FAMILY_MAPS)
+    colors: dict[Any, Any] = {}
+    for family in order:
+        members = [k for k in unique if families[k] == family]
+        cmap = colormaps[FAMILY_MAPS[family]]
+        for i, k in enumerate(members):  # shades from 0.45 to 0.95 of the map: light enough to see, never white
+            colors[k] = cmap(0.95 - 0.5 * i / max(1, len(members) - 1) if len(members) > 1 else 0.8)
+    return colors
 
 
 def _no_data(ax: Any, what: str) -> None:
