@@ -13,6 +13,7 @@ import torch
 import miarobust.models  # noqa: F401  (registers the models)
 from miarobust.models.adaptive import AdaptiveViT, adaptive_core
 from miarobust.models.flops import VitDims, _count_cpu_sdpa, static_macs
+from miarobust.models.registry import how_to_get
 
 SMALL_DEIT = {"img_size": 64}  # DeiT-S at 64x64: 16 patches, fast on CPU, the same code paths as at 224
 
@@ -152,8 +153,9 @@ def test_the_protocol_finds_the_peers_and_refuses_modes_they_lack(cli, tmp_path)
     r = cli("run", "--model", "tome_vit_fmnist", "--gate-mode", "stochastic", "--n", "4", "--out", str(tmp_path))
     assert r.code == 2 and "no gate mode 'stochastic'" in r.err and "full, deterministic" in r.err
     assert not list(tmp_path.iterdir())
-    r = cli("run", "--model", "avit_vit_fmnist", "--n", "4", "--out", str(tmp_path))
-    assert r.code == 2 and "halting is learned" in r.err
+    r = cli("run", "--model", "avit_deit_t", "--n", "4", "--out", str(tmp_path))
+    assert r.code == 2 and "timm:deit_tiny_patch16_224" in r.err
+    assert "halting is learned: train it with `miarobust train --model avit_vit_fmnist" in how_to_get("avit_vit_fmnist")
     r = cli("run", "--model", "dynamicvit_vit_fmnist", "--checkpoint", "vit_fmnist", "--n", "4", "--attack", "none",
             "--checks", "off", "--out", str(tmp_path / "untrained"))
     assert r.code == 0, r.err  # a static checkpoint: untrained scorers (a warning says so)

@@ -161,8 +161,8 @@ def how_to_get(name: str) -> str:
     if name.startswith("dynamicvit_"):
         return "its token scorers need training: pass a checkpoint of it (a static one leaves them untrained)"
     if name.startswith("avit_"):
-        return ("its halting is learned: pass a checkpoint of it trained for halting (a static checkpoint loads, and "
-                "hardly halts)")
+        return (f"its halting is learned: train it with `miarobust train --model {name} --init {base} --budget 0.5`, "
+                "or pass a checkpoint of it trained for halting (a static checkpoint loads, and hardly halts)")
     return f"train it with `miarobust train --model {name}`, or pass a timm-format state dict of it"
 
 
