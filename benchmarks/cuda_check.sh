@@ -11,6 +11,7 @@
 #    the stochastic MIA model, AutoAttack on the static and deterministic models, apgd-ce with EOT, slowdown.
 # 4. Training on cuda, static and MIA (the latency-aware cost, whose table is measured on the GPU), one epoch of
 #    synthetic data each: a smoke run, not a number.
+# 5. bench_train.py at 224 px in bf16 (miarobust train vs a plain loop, MIA-Former's overhead, the JPEG loader).
 # Each step has its own time limit and its exit status is printed; the script's status is the number of failed steps.
 set -uo pipefail
 work=${1:-runs/cuda-check}
@@ -85,6 +86,10 @@ run 120 --model mia_vit_fmnist --gate-mode deterministic --attack slowdown --eps
 step 120 $py -m miarobust train --model vit_fmnist --data synthetic --epochs 1 --device $dev --out "$work/train-static"
 step 150 $py -m miarobust train --model mia_vit_fmnist --data synthetic --epochs 1 --device $dev --cost latency \
   --budget 0.7 --out "$work/train-mia"
+
+# 5. Training throughput at 224 px in bf16: miarobust train against a plain loop (deit_s), MIA-Former's overhead, and
+#    the JPEG loader: the figures README's ImageNet recipe turns into time per epoch.
+step 600 $py benchmarks/bench_train.py --device $dev --img-size 224 --batch-size 64 --amp bf16 --reps 3 --jpegs 512
 
 echo; echo "cuda_check: $failed failed step(s)"
 exit "$failed"

@@ -156,6 +156,8 @@ def test_the_protocol_finds_the_peers_and_refuses_modes_they_lack(cli, tmp_path)
     r = cli("run", "--model", "avit_deit_t", "--n", "4", "--out", str(tmp_path))
     assert r.code == 2 and "timm:deit_tiny_patch16_224" in r.err
     assert "halting is learned: train it with `miarobust train --model avit_vit_fmnist" in how_to_get("avit_vit_fmnist")
+    assert "MIA-Former's controller untrained; train it from them with `miarobust train --model mia_deit_s --init " \
+           "timm:deit_small_patch16_224" in how_to_get("mia_deit_s")
     r = cli("run", "--model", "dynamicvit_vit_fmnist", "--checkpoint", "vit_fmnist", "--n", "4", "--attack", "none",
             "--checks", "off", "--out", str(tmp_path / "untrained"))
     assert r.code == 0, r.err  # a static checkpoint: untrained scorers (a warning says so)

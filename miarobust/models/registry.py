@@ -155,9 +155,16 @@ def how_to_get(name: str) -> str:
     """One sentence on getting weights for model `name` (timm's, for the DeiTs)."""
     base = re.sub(r"^(mia|dynamicvit|avit|adavit|tome)_", "", name)
     if base in TIMM_NAMES:
-        return (f"timm's {TIMM_NAMES[base]} weights fit: --checkpoint timm:{TIMM_NAMES[base]} reads them from the "
-                f"Hugging Face cache (fetched once on a machine with internet by python -c \"import timm; "
-                f"timm.create_model('{TIMM_NAMES[base]}', pretrained=True)\")")
+        fetch = (f"timm's {TIMM_NAMES[base]} weights fit: --checkpoint timm:{TIMM_NAMES[base]} reads them from the "
+                 f"Hugging Face cache (fetched once on a machine with internet by python -c \"import timm; "
+                 f"timm.create_model('{TIMM_NAMES[base]}', pretrained=True)\")")
+        if name == base or name.startswith("tome_"):
+            return fetch
+        mechanism = {"mia": "MIA-Former's controller", "dynamicvit": "DynamicViT's token scorers",
+                     "avit": "A-ViT's halting", "adavit": "AdaViT's decision networks"}[name.split("_")[0]]
+        return (f"{fetch}, with {mechanism} untrained; train it from them with `miarobust "
+                f"train --model {name} --init timm:{TIMM_NAMES[base]} --data imagenet --data-root DIR --budget 0.7` "
+                "(README: the paper's setting)")
     if name.startswith("dynamicvit_"):
         return "its token scorers need training: pass a checkpoint of it (a static one leaves them untrained)"
     if name.startswith("avit_"):
