@@ -24,6 +24,8 @@ ROWS = [
     ("MIA-Former, MACs budget 0.5 (b05)", ["--model", "mia_vit_fmnist", "--checkpoint", "mia_vit_fmnist_b05"]),
     ("ToMe r = 6 (training-free)", ["--model", "tome_vit_fmnist", "--model-kwargs", "r=6"]),
     ("ToMe r = 8 (training-free)", ["--model", "tome_vit_fmnist", "--model-kwargs", "r=8"]),
+    ("EViT keep rate 0.7 (training-free)", ["--model", "evit_vit_fmnist"]),
+    ("EViT keep rate 0.5 (training-free)", ["--model", "evit_vit_fmnist", "--model-kwargs", "keep_rate=0.5"]),
     ("DynamicViT, MACs budget 0.5", ["--model", "dynamicvit_vit_fmnist", "--checkpoint", "dynamicvit_vit_fmnist_b05"]),
     ("A-ViT, MACs budget 0.5", ["--model", "avit_vit_fmnist", "--checkpoint", "avit_vit_fmnist_b05"]),
     ("AdaViT, MACs budget 0.5", ["--model", "adavit_vit_fmnist", "--checkpoint", "adavit_vit_fmnist_b05"]),

@@ -279,9 +279,10 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
     from miarobust.train.loop import TrainConfig, resolve_amp
 
     kw["amp"] = resolve_amp(kw["amp"], resolve_device(kw["device"]))
-    if model.startswith("tome_"):
-        raise UserError(f"{model} is training-free: evaluate it with the static model's weights (`miarobust run --model "
-                        f"{model}`); its merge rate is --model-kwargs r=N.")
+    if model.startswith(("tome_", "evit_")) and kw["init"] is None:
+        raise UserError(f"{model} runs on a static model's weights as they are (`miarobust run --model {model}`); to "
+                        f"fine-tune it with its mechanism on, pass the weights to start from: --init "
+                        f"{model.split('_', 1)[1]} (a shipped or timm-format static checkpoint).")
     if model.startswith("adavit_") and rl_weight:
         click.echo("AdaViT trains without MIA-Former's reinforcement-learning half: --rl-weight 0", err=True)
         rl_weight = 0.0

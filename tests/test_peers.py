@@ -44,6 +44,8 @@ def counted_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
     ("avit_vit_fmnist", "vit_fmnist", {"beta": -30.0}),  # halting scores ~1e-13: no token halts
     ("dynamicvit_deit_s", "deit_s", {"keep_ratio": 1.0, **SMALL_DEIT}),
     ("tome_deit_s", "deit_s", {"r": 0, **SMALL_DEIT}),
+    ("evit_vit_fmnist", "vit_fmnist", {"keep_rate": 1.0}),
+    ("evit_deit_s", "deit_s", {"keep_rate": 1.0, **SMALL_DEIT}),
 ])
 def test_mechanism_off_is_the_static_model(peer: str, static: str, off: dict) -> None:
     extra = {k: v for k, v in off.items() if k in SMALL_DEIT}
@@ -60,7 +62,9 @@ def test_mechanism_off_is_the_static_model(peer: str, static: str, off: dict) ->
 
 @pytest.mark.parametrize("peer,kwargs", [("dynamicvit_vit_fmnist", {}), ("dynamicvit_vit_fmnist", {"keep_ratio": 0.5}),
                                          ("tome_vit_fmnist", {}), ("tome_vit_fmnist", {"r": 9}),
-                                         ("dynamicvit_deit_s", SMALL_DEIT), ("tome_deit_s", {"r": 3, **SMALL_DEIT})])
+                                         ("dynamicvit_deit_s", SMALL_DEIT), ("tome_deit_s", {"r": 3, **SMALL_DEIT}),
+                                         ("evit_vit_fmnist", {}), ("evit_vit_fmnist", {"keep_rate": 0.5}),
+                                         ("evit_deit_s", SMALL_DEIT)])
 def test_macs_counter_matches_flop_counter_and_is_fixed_per_image(peer: str, kwargs: dict) -> None:
     torch.manual_seed(1)
     model = timm.create_model(peer, **kwargs).eval()
@@ -84,6 +88,34 @@ def test_papers_deit_s_gmacs() -> None:
     assert dyn.keep_ratio == 0.7 and dyn.kept_counts() == [137, 96, 67]
     assert dyn.macs_per_image(scorers=False) / 1e9 == pytest.approx(2.9, rel=0.02)
     assert dyn.macs_per_image() - dyn.macs_per_image(scorers=False) == pytest.approx(0.103e9, rel=0.01)
+    evit = timm.create_model("evit_deit_s")  # EViT keep rate 0.7 at blocks 4, 7, 10: 3.0 G
+    assert evit.keep_rate == 0.7 and evit.prune_at == (3, 6, 9)
+    assert evit.macs_per_image() / 1e9 == pytest.approx(3.0, rel=0.02)
+
+
+def test_evit_keeps_the_most_attended_tokens_and_fuses_the_rest() -> None:
+    """A reorganising block: the class token first, the kept tokens in their order, the fusion last, and the fusion is
+    the attention-weighted mean of the dropped tokens (checked against a direct computation)."""
+    from miarobust.models.evit import _reorganising_block
+
+    torch.manual_seed(3)
+    model = timm.create_model("evit_vit_fmnist").eval()
+    blk, x = model.blocks[1], torch.randn(2, 50, model.embed_dim)
+    with torch.no_grad():
+        out = _reorganising_block(blk, x, 30)  # 28 kept, 21 fused
+        a = blk.attn
+        qkv = a.qkv(blk.norm1(x)).reshape(2, 50, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        attn = (qkv[0] * a.scale @ qkv[1].transpose(-2, -1)).softmax(-1)
+        score = attn[:, :, 0, 1:].mean(1)
+        mid = x + blk.ls1(a.proj((attn @ qkv[2]).transpose(1, 2).reshape(2, 50, -1)))
+        for i in range(2):
+            order = score[i].argsort(descending=True)
+            keep, drop = order[:28].sort().values, order[28:]
+            w = score[i, drop]
+            fused = (mid[i, 1:][drop] * w[:, None]).sum(0) / w.sum()
+            want = torch.cat([mid[i, :1], mid[i, 1:][keep], fused[None]])
+            want = want + blk.ls2(blk.mlp(blk.norm2(want)))
+            assert out.shape == (2, 30, model.embed_dim) and (out[i] - want).abs().max() < 1e-5
 
 
 def test_dynamicvit_masked_reference_agrees_with_the_gathered_forward_and_steers_the_selection() -> None:
@@ -147,7 +179,8 @@ def test_tome_merges_sizes_and_keeps_the_class_token_first() -> None:
 
 
 def test_the_protocol_finds_the_peers_and_refuses_modes_they_lack(cli, tmp_path) -> None:
-    for name in ("dynamicvit_vit_fmnist", "avit_vit_fmnist", "adavit_vit_fmnist", "tome_vit_fmnist", "mia_vit_fmnist"):
+    for name in ("dynamicvit_vit_fmnist", "avit_vit_fmnist", "adavit_vit_fmnist", "tome_vit_fmnist", "evit_vit_fmnist",
+                 "mia_vit_fmnist"):
         assert isinstance(timm.create_model(name), AdaptiveViT)
     assert adaptive_core(timm.create_model("vit_fmnist")) is None
     r = cli("run", "--model", "tome_vit_fmnist", "--gate-mode", "stochastic", "--n", "4", "--out", str(tmp_path))
@@ -250,7 +283,13 @@ def test_avit_trains_its_halting_toward_the_budgets_depth(cli, tmp_path) -> None
 
 def test_training_refuses_what_a_family_does_not_train(cli, tmp_path) -> None:
     r = cli("train", "--model", "tome_vit_fmnist", "--data", "synthetic", "--out", str(tmp_path / "t"))
-    assert r.code == 2 and "training-free" in r.err and not (tmp_path / "t").exists()
+    assert r.code == 2 and "--init vit_fmnist" in r.err and not (tmp_path / "t").exists()
+    r = cli("train", "--model", "evit_vit_fmnist", "--init", "vit_fmnist", "--data", "synthetic", "--epochs", "1",
+            "--batch-size", "64", "--out", str(tmp_path / "evit"))  # fine-tuning with the mechanism on
+    assert r.code == 0, r.err
+    r = cli("run", "--model", "evit_vit_fmnist", "--checkpoint", str(tmp_path / "evit" / "model.safetensors"),
+            "--data", "synthetic", "--n", "4", "--attack", "none", "--checks", "off", "--out", str(tmp_path / "runs"))
+    assert r.code == 0, r.err
     r = cli("train", "--model", "dynamicvit_vit_fmnist", "--data", "synthetic", "--out", str(tmp_path / "t"))
     assert r.code == 2 and "--budget" in r.err
     r = cli("train", "--model", "dynamicvit_vit_fmnist", "--budget", "0.6", "--cost", "latency", "--data", "synthetic",
@@ -287,7 +326,8 @@ def test_adavit_is_mia_formers_mechanism_trained_without_rl(cli, tmp_path) -> No
 
 
 @pytest.mark.parametrize("peer,name", [("dynamicvit_vit_fmnist", "DynamicViT"), ("avit_vit_fmnist", "A-ViT"),
-                                       ("tome_vit_fmnist", "ToMe"), ("adavit_vit_fmnist", "AdaViT")])
+                                       ("tome_vit_fmnist", "ToMe"), ("adavit_vit_fmnist", "AdaViT"),
+                                       ("evit_vit_fmnist", "EViT")])
 def test_every_family_refuses_what_it_cannot_honour_in_its_own_name(peer: str, name: str) -> None:
     """One base class: dynamic sizes, attention masks and a missing class token are refused naming the family;
     timm's per-block features are the static model's with the mechanism off and the gated sub-model's (MIA-Former's

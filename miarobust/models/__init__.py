@@ -3,5 +3,5 @@
 
 from __future__ import annotations
 
-from miarobust.models import adavit, avit, dynamicvit, mia_former, tome, vit  # noqa: F401  (registration side effect)
+from miarobust.models import adavit, avit, dynamicvit, evit, mia_former, tome, vit  # noqa: F401  (registration side effect)
 from miarobust.models.registry import create, model_names  # noqa: F401

@@ -27,9 +27,10 @@ MIA_MODELS = ("mia_vit_fmnist", "mia_deit_t", "mia_deit_s", "mia_deit_b")
 PEER_MODELS = ("dynamicvit_vit_fmnist", "dynamicvit_deit_t", "dynamicvit_deit_s", "dynamicvit_deit_b",
                "avit_vit_fmnist", "avit_deit_t", "avit_deit_s", "avit_deit_b",
                "adavit_vit_fmnist", "adavit_deit_t", "adavit_deit_s", "adavit_deit_b",
-               "tome_vit_fmnist", "tome_deit_t", "tome_deit_s", "tome_deit_b")
+               "tome_vit_fmnist", "tome_deit_t", "tome_deit_s", "tome_deit_b",
+               "evit_vit_fmnist", "evit_deit_t", "evit_deit_s", "evit_deit_b")
 FAMILIES = {"static ViT": STATIC_MODELS, "MIA-Former": MIA_MODELS, "DynamicViT": PEER_MODELS[:4],
-            "A-ViT": PEER_MODELS[4:8], "AdaViT": PEER_MODELS[8:12], "ToMe": PEER_MODELS[12:]}
+            "A-ViT": PEER_MODELS[4:8], "AdaViT": PEER_MODELS[8:12], "ToMe": PEER_MODELS[12:16], "EViT": PEER_MODELS[16:]}
 
 
 def model_names() -> list[str]:
@@ -153,12 +154,12 @@ TIMM_NAMES = {"deit_t": "deit_tiny_patch16_224", "deit_s": "deit_small_patch16_2
 
 def how_to_get(name: str) -> str:
     """One sentence on getting weights for model `name` (timm's, for the DeiTs)."""
-    base = re.sub(r"^(mia|dynamicvit|avit|adavit|tome)_", "", name)
+    base = re.sub(r"^(mia|dynamicvit|avit|adavit|tome|evit)_", "", name)
     if base in TIMM_NAMES:
         fetch = (f"timm's {TIMM_NAMES[base]} weights fit: --checkpoint timm:{TIMM_NAMES[base]} reads them from the "
                  f"Hugging Face cache (fetched once on a machine with internet by python -c \"import timm; "
                  f"timm.create_model('{TIMM_NAMES[base]}', pretrained=True)\")")
-        if name == base or name.startswith("tome_"):
+        if name == base or name.startswith(("tome_", "evit_")):
             return fetch
         mechanism = {"mia": "MIA-Former's controller", "dynamicvit": "DynamicViT's token scorers",
                      "avit": "A-ViT's halting", "adavit": "AdaViT's decision networks"}[name.split("_")[0]]

@@ -25,7 +25,7 @@ PLOTS = ("accuracy_vs_gmacs", "robust_vs_eps", "gmacs_hist", "robust_vs_eot")
 
 #: one hue per model family, its members in shades of it, so a plot with many runs reads family by family
 FAMILY_MAPS = {"static ViT": "Greys", "MIA-Former": "Blues", "DynamicViT": "Oranges", "A-ViT": "Greens",
-               "AdaViT": "Purples", "ToMe": "Reds"}
+               "AdaViT": "Purples", "ToMe": "Reds", "EViT": "YlOrBr"}
 
 
 def family_of(key: Any) -> str | None:
