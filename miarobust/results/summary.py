@@ -4,7 +4,7 @@ computed from samples.csv alone (every number in it is recomputable from the per
 from __future__ import annotations
 
 import platform
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import pandas as pd
 
@@ -14,6 +14,65 @@ from miarobust.stats import wilson
 if TYPE_CHECKING:
     from miarobust.attacks import AttackConfig, AttackInfo
     from miarobust.evaluator import RunConfig
+
+
+class Accuracy(TypedDict):
+    """A proportion of the n images: its value and 95% Wilson interval."""
+
+    acc: float
+    ci95: list[float]
+    n: int
+
+
+class AttackSummary(Accuracy):
+    """One attack: its accuracy, per-image GMACs under it, and how it saw the gates."""
+
+    gmacs_mean: float
+    gmacs_p5: float
+    gmacs_p50: float
+    gmacs_p95: float
+    eot: int  # gate draws averaged per gradient
+    adaptive: bool  # through EOT on a stochastic model (or a deterministic model: nothing to average)
+    gate_grad: str  # none or straight-through
+    label: str
+    max_dist: float  # the largest perturbation, in the threat model's norm
+
+
+class GmacsSummary(TypedDict, total=False):
+    clean_mean: float
+    clean_p5: float
+    clean_p50: float
+    clean_p95: float
+    adv_mean: dict[str, float]
+    static: float  # the backbone with every gate open
+    clean_share_of_static: float
+    adv_share_of_static: dict[str, float]
+
+
+class Summary(TypedDict, total=False):
+    """summary.json: what `summarize` computes from samples.csv, and what the evaluator adds (the checks, times,
+    precision, folder). Requested and resolved settings are config.json's (config.RunRecord)."""
+
+    model: str
+    data: str
+    gate_mode: str | None
+    n: int
+    norm: str
+    eps: float
+    eps_text: str
+    steps: int
+    eval_samples: int
+    stochastic: bool
+    clean: Accuracy
+    attacks: dict[str, AttackSummary]
+    robust: Accuracy
+    non_adaptive: bool
+    gmacs: GmacsSummary
+    precision: str
+    wall_seconds: float
+    folder: str
+    checks: dict[str, Any]
+    checks_seconds: float
 
 
 def environment() -> dict[str, Any]:
@@ -37,13 +96,13 @@ def environment() -> dict[str, Any]:
 
 
 def summarize(cfg: RunConfig, samples: pd.DataFrame, attacks: list[AttackInfo], draws: int, extra: dict[str, Any],
-              acfg: AttackConfig | None = None) -> dict[str, Any]:
+              acfg: AttackConfig | None = None) -> Summary:
     """summary.json from samples.csv: every number here is recomputable from the per-sample records. `acfg`: the
     attacks' resolved settings (the adaptive preset's EOT K), by default the config's."""
     n = len(samples)
     acfg = acfg or cfg.attack_config()
 
-    def prop(col: str) -> dict[str, Any]:
+    def prop(col: str) -> Accuracy:
         s = float(samples[col].sum())
         lo, hi = wilson(s, n)
         return {"acc": s / n if n else 0.0, "ci95": [lo, hi], "n": n}
