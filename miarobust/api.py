@@ -91,6 +91,8 @@ def evaluate(model: str | nn.Module, *, attack: str | Sequence[str] = "pgd", eps
         dataset = load_dataset(cfg.data, geometry, cfg.data_root, cfg.split)
     ev = Evaluation(cfg, model, dataset, geometry, tuple(mean) if mean is not None else None,
                     tuple(std) if std is not None else None)
+    if not isinstance(data, str):
+        check_labels(dataset, n, ev.num_classes)
     ev.weights_sha256 = sha
     return run(cfg, progress=progress, ev=ev)
 
@@ -117,9 +119,23 @@ def own_data(data: Any, geometry: Any, n: int | None) -> Dataset:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise UserError(f"image {i} of data has shape {got}, the model takes {want}: resize the images or pass "
                             "input_size=(C, H, W).")
+        if not x.dtype.is_floating_point:
+            raise UserError(f"image {i} of data is {x.dtype}: pass float images in [0, 1] (e.g. uint8 / 255).")
         if float(x.min()) < 0 or float(x.max()) > 1:
             raise UserError(f"image {i} of data has pixels outside [0, 1]: pass unnormalised images and mean/std.")
+        label = y.item() if isinstance(y, torch.Tensor) and y.numel() == 1 else y
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            raise UserError(f"label {i} of data is {y!r}: labels must be class indices (integers >= 0).")
     return data
+
+
+def check_labels(data: Dataset, n: int | None, classes: int) -> None:
+    """A UserError unless every label of the first n items is below the model's output count."""
+    for i in range(min(len(data), n if n is not None else len(data))):
+        y = int(data[i][1])
+        if y >= classes:
+            raise UserError(f"label {i} of data is {y} but the model outputs {classes} classes (0 to {classes - 1}): "
+                            "pass labels of the model's classes.")
 
 
 def data_sha256(data: Dataset, n: int | None) -> str:

@@ -22,6 +22,7 @@ from miarobust.results.io import run_id
 from miarobust.values import NORMS, PRECISIONS, Eps, GateMode, parse_norm
 
 CHECK_MODES = ("auto", "on", "off")
+DEFAULT_EPS_TEXT = "8/255"
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class RunConfig:
     attacks: tuple[str, ...] = ("pgd",)
     norm: str = "Linf"
     eps: float = 8 / 255
-    eps_text: str = "8/255"
+    eps_text: str = DEFAULT_EPS_TEXT
     steps: int = 10
     alpha: float | None = None
     restarts: int = 1
@@ -68,7 +69,13 @@ class RunConfig:
             object.__setattr__(self, "gate_mode", GateMode.parse(self.gate_mode).value)
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps) \
                 or self.eps <= 0:
-            raise UserError(f"eps {self.eps_text} must be a finite number > 0, e.g. 8/255.")
+            raise UserError(f"eps {self.eps!r} must be a finite number > 0, e.g. 8/255.")
+        written = Eps.parse(self.eps_text).value
+        if not math.isclose(written, self.eps, rel_tol=1e-9):
+            if self.eps_text != DEFAULT_EPS_TEXT:
+                raise UserError(f"eps {self.eps!r} and its text '{self.eps_text}' ({written!r}) disagree: give one "
+                                "(RunConfig.with_eps).")
+            object.__setattr__(self, "eps_text", repr(float(self.eps)))  # eps given alone: its text is the number
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision '{self.precision}': use {', '.join(PRECISIONS)}.")
         if self.checks not in CHECK_MODES:

@@ -216,8 +216,17 @@ class CheckedImageFolder(Dataset):
 
         size = (geometry.channels, geometry.height, geometry.width)
         if augment:  # DeiT's training augmentation, as timm builds it (mixup and cutmix, batch-level, left out)
-            transform = create_transform(input_size=size, is_training=True, interpolation="bicubic", **DEIT_AUGMENT,
-                                         mean=(0.0,) * 3, std=(1.0,) * 3)
+            from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+            from torchvision import transforms
+
+            # built with ImageNet's mean and std, as DeiT has it (RandAugment fills with the mean colour, random erasing
+            # writes N(0, 1) noise in normalised units), then mapped back to pixels: the model normalises
+            mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None], torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
+            transform = transforms.Compose([
+                create_transform(input_size=size, is_training=True, interpolation="bicubic", **DEIT_AUGMENT,
+                                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
+                transforms.Lambda(lambda t: t * std + mean),
+            ])
         else:
             transform = create_transform(
                 input_size=size, is_training=False, interpolation=geometry.interpolation, crop_pct=geometry.crop_pct,

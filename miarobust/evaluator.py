@@ -184,7 +184,7 @@ class Evaluation:
         """Images, labels and data-set indices of batch b."""
         lo, hi = b * self.cfg.batch_size, min((b + 1) * self.cfg.batch_size, self.n)
         items = [self.dataset[i] for i in range(lo, hi)]
-        x = torch.stack([it[0] for it in items])
+        x = torch.stack([it[0] for it in items]).float()  # a user's data set may hold float64 or half images
         y = torch.tensor([it[1] for it in items], dtype=torch.long)
         if x.dim() != 4:
             raise UserError(f"images of {self.cfg.data} have shape {tuple(x.shape[1:])}, expected (C, H, W).")

@@ -150,6 +150,10 @@ def test_own_images_as_tensors_or_a_dataset(tmp_path: Path) -> None:
     tensors = miarobust.evaluate(net, data=(x, y), out=str(tmp_path / "b"), **common)
     dataset = miarobust.evaluate(net, data=torch.utils.data.TensorDataset(x, y), out=str(tmp_path / "c"), **common)
     ref = pd.read_csv(by_name.folder / "samples.csv")
+    double = miarobust.evaluate(net, data=torch.utils.data.TensorDataset(x.double(), y), out=str(tmp_path / "e"),
+                                **common)  # float64 images are evaluated as float32
+    assert pd.read_csv(double.folder / "samples.csv")["clean_pred"].tolist() == pd.read_csv(
+        by_name.folder / "samples.csv")["clean_pred"].tolist()
     for got in (tensors, dataset):
         frame = pd.read_csv(got.folder / "samples.csv")
         for col in ("label", "clean_pred", "fgsm_pred", "robust"):
@@ -159,7 +163,9 @@ def test_own_images_as_tensors_or_a_dataset(tmp_path: Path) -> None:
     other = miarobust.evaluate(net, data=(x.flip(0), y.flip(0)), out=str(tmp_path / "b"), **common)
     assert other.folder != tensors.folder  # other images, another folder
     bad = [((x[:, :, :14], y), "shape"), ((x * 255, y), r"\[0, 1\]"), ((x, y.float()), "class indices"),
-           ((x, y[:5]), "same N"), ([x, y], "torch Dataset")]
+           ((x, y[:5]), "same N"), ([x, y], "torch Dataset"), ((x, y + 10), "outputs 10 classes"),
+           (torch.utils.data.TensorDataset((x * 255).byte(), y), "float images"),
+           (torch.utils.data.TensorDataset(x, y.float()), "class indices")]
     for data, match in bad:
         with pytest.raises(UserError, match=match):
             miarobust.evaluate(net, data=data, out=str(tmp_path / "d"), **common)

@@ -500,5 +500,9 @@ def test_precision_is_asked_for_recorded_and_named(cli, tmp_path):
     a, b = pd.read_csv(half / "samples.csv"), pd.read_csv(full / "samples.csv")
     assert (a.clean_pred == b.clean_pred).mean() >= 0.9
     assert RunConfig().identity() == RunConfig(precision="fp32").identity() and "precision" not in RunConfig().identity()
+    from miarobust.results.read import weights_label
+
+    labels = [weights_label(json.loads((f / "config.json").read_text())) for f in (half, full)]
+    assert labels[0] == labels[1] + ", bf16"  # their own series in the report
     r = cli(*common, "--precision", "fp8", "--out", str(tmp_path / "x"))
     assert r.code == 2 and not (tmp_path / "x").exists()

@@ -28,6 +28,9 @@ def test_values_parse_once():
     assert cfg.gate_mode == "stochastic" and isinstance(cfg.gate_mode, str) and cfg.eps_text == "4/255"
     assert cfg.folder_name() == RunConfig.with_eps("4/255", gate_mode="stochastic").folder_name()
     assert cfg.threat.norm == "Linf" and cfg.threat.eps == pytest.approx(4 / 255)
+    assert RunConfig(eps=0.1).eps_text == "0.1"  # eps given alone: its text follows
+    with pytest.raises(UserError, match="disagree"):
+        RunConfig(eps=0.1, eps_text="4/255")
 
 
 def test_config_json_round_trip():

@@ -307,5 +307,7 @@ def test_folder_with_deits_training_augmentation(image_root):
     assert draws[0].shape == (3, 224, 224) and torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
     plain = load_dataset("folder", RGB224, root=str(image_root))[0][0]
     assert not torch.equal(draws[0], plain)
+    erased = [ds[i % 6][0] for i in range(40)]  # random erasing writes ImageNet-mean + std * N(0, 1), as DeiT has it
+    assert min(float(e.min()) for e in erased) >= -2.5 and max(float(e.max()) for e in erased) <= 3.5
     with pytest.raises(UserError, match="--augment"):
         load_dataset("embedded", GREY28, augment=True)

@@ -174,7 +174,7 @@ def load_runs(root: str | Path, warn: bool = True) -> tuple[list[Run], list[Skip
 def weights_label(config: dict[str, Any]) -> str:
     """Which weights a run used, in a few characters: the checkpoint file's name without its suffix (a shipped
     checkpoint's name), with the start of its SHA-256 for a file of the user's, and the timm model arguments that
-    made a variant of the model (`--model-kwargs`); 'random' without weights."""
+    made a variant of the model (`--model-kwargs`), and a precision other than fp32; 'random' without weights."""
     source = (config.get("combines") or [config])[0]  # a worst-case folder: its first source run's
     checkpoint, sha = source.get("checkpoint"), source.get("weights_sha256") or config.get("weights_sha256")
     if not checkpoint:
@@ -183,7 +183,9 @@ def weights_label(config: dict[str, Any]) -> str:
     shipped = Path(str(checkpoint)).parent.name == "checkpoints" and Path(str(checkpoint)).parent.parent.name == "miarobust"
     label = stem if shipped or not sha else f"{stem} ({sha[:8]})"
     kwargs = source.get("model_kwargs") or config.get("model_kwargs")  # a variant of the model, e.g. ToMe's r=8
-    return f"{label}, {kwargs}" if kwargs else label
+    label = f"{label}, {kwargs}" if kwargs else label
+    precision = source.get("precision") or config.get("precision") or "fp32"  # evaluated under autocast
+    return label if precision == "fp32" else f"{label}, {precision}"
 
 
 def run_rows(run: Run, params: ParamCount | None = None) -> list[dict[str, Any]]:

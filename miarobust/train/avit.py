@@ -57,9 +57,14 @@ def target_depth(dims: VitDims, budget: float) -> float:
 
 def depth_prior(depth: int, target: float, std: float = PRIOR_STD) -> torch.Tensor:
     """A Gaussian over the blocks 1..depth centred at `target`, normalised: the halting depth the prior asks for."""
+    return log_depth_prior(depth, target, std).exp()
+
+
+def log_depth_prior(depth: int, target: float, std: float = PRIOR_STD) -> torch.Tensor:
+    """log of `depth_prior`, computed in log space: finite on deep models where far blocks' prior underflows."""
     blocks = torch.arange(1, depth + 1, dtype=torch.float64)
-    p = torch.exp(-0.5 * ((blocks - target) / std) ** 2)
-    return (p / p.sum()).float()
+    logp = -0.5 * ((blocks - target) / std) ** 2
+    return (logp - torch.logsumexp(logp, 0)).float()
 
 
 def train_avit(cfg: TrainConfig) -> None:
@@ -71,7 +76,7 @@ def train_avit(cfg: TrainConfig) -> None:
                       num_classes=cfg.num_classes)
     dims = VitDims.of(backbone)
     target = target_depth(dims, cfg.budget)
-    prior = depth_prior(dims.depth, target).to(device)
+    log_prior = log_depth_prior(dims.depth, target).to(device)
     log.info("A-ViT: target halting depth %.1f of %d blocks for budget %.2f", target, dims.depth, cfg.budget)
     model = Normalized(backbone).to(device)
     full = float(static_macs(dims))
@@ -88,7 +93,7 @@ def train_avit(cfg: TrainConfig) -> None:
         ponder = rec.ponder.mean()
         per_block = rec.halting.float().mean((0, 2))  # (L,) the batch's mean halting score per block
         halting = per_block / per_block.sum().clamp_min(1e-12)
-        prior_kl = (halting * (halting.clamp_min(1e-12).log() - prior.log())).sum()
+        prior_kl = (halting * (halting.clamp_min(1e-12).log() - log_prior)).sum()
         loss = ce + kd_weight * kd + PONDER_WEIGHT * ponder + PRIOR_WEIGHT * prior_kl
         depth = rec.running.detach().sum(1).mean()  # blocks a patch token ran, on average
         return loss, {"loss": loss.item(), "train_acc": (logits.argmax(1) == y).float().mean().item(),

@@ -219,7 +219,7 @@ def fit(
         gen.manual_seed(cfg.seed * 1000 + epoch)  # the epoch's shuffle and augmentation do not depend on resumes
         torch.manual_seed(cfg.seed * 1000 + epoch)
         random.seed(cfg.seed * 1000 + epoch)  # timm's RandAugment draws from Python's and NumPy's generators
-        np.random.seed(cfg.seed * 1000 + epoch)
+        np.random.seed((cfg.seed * 1000 + epoch) % 2**32)  # NumPy takes 32-bit seeds; --seed goes to 2**63 - 1
         if on_epoch_start:
             on_epoch_start(epoch)
         loader = DataLoader(train_set, batch_size=cfg.batch_size * w, shuffle=True, generator=gen, drop_last=False,
