@@ -41,7 +41,7 @@ class Eps:
             return eps
         if isinstance(eps, bool) or not isinstance(eps, (str, int, float)):
             raise UserError(f"eps {eps!r} is not a number: write it as 8/255 or 0.031.")
-        text = eps.strip() if isinstance(eps, str) else repr(float(eps))
+        text = "".join(eps.split()) if isinstance(eps, str) else repr(float(eps))  # ' 8 / 255 ' is 8/255
         try:
             if "/" in text:
                 num, den = text.split("/", 1)

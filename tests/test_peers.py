@@ -336,6 +336,8 @@ def test_every_family_refuses_what_it_cannot_honour_in_its_own_name(peer: str, n
         timm.create_model(peer, dynamic_img_size=True)
     with pytest.raises(ValueError, match=f"^{name} .*class_token=True"):
         timm.create_model(peer, class_token=False, global_pool="avg")
+    with pytest.raises(ValueError, match=f"^{name} computes attention itself"):
+        timm.create_model(peer, scale_attn_norm=True)
     base, model, x = pair(peer, "vit_fmnist")
     with pytest.raises(ValueError, match=f"^{name}'s blocks take no attention mask"):
         model.forward_features(x, attn_mask=torch.ones(1, 1, 50, 50, dtype=torch.bool))

@@ -83,6 +83,11 @@ class AdaptiveVisionTransformer(VisionTransformer):
         if self.cls_token is None or (self.TOKEN_POOL and (self.global_pool != "token" or self.num_prefix_tokens != 1)):
             asked = "class_token=True, global_pool='token' and no register tokens" if self.TOKEN_POOL else "class_token=True"
             raise ValueError(f"{self.NAME} {self.CLASS_TOKEN}: build it with {asked}")
+        for blk in self.blocks:  # the families run attention themselves: timm's optional extras would be dropped
+            attn = getattr(blk, "attn", None)
+            if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity) or getattr(attn, "gate", None) is not None:
+                raise ValueError(f"{self.NAME} computes attention itself, without timm's scale_attn_norm and attention "
+                                 "gate: build it without them")
         self.gate_mode = GateMode.parse(gate_mode)
         self.straight_through = False
         self.last: Any = None
