@@ -187,7 +187,8 @@ def list_cmd(what: str) -> None:
         from miarobust.models.registry import weights_file
         from miarobust.models.vit import shipped_names
 
-        defaults = {Path(weights_file(m)).stem for m in ("vit_fmnist", "mia_vit_fmnist", "dynamicvit_vit_fmnist", "avit_vit_fmnist")}
+        defaults = {Path(weights_file(m)).stem for m in ("vit_fmnist", "mia_vit_fmnist", "dynamicvit_vit_fmnist", "avit_vit_fmnist",
+                                                               "adavit_vit_fmnist")}
         click.echo("checkpoints (--checkpoint NAME):")
         for name in shipped_names():
             model = max((m for m in model_names() if name.startswith(m)), key=len, default="?")
