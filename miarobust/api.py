@@ -73,17 +73,11 @@ def evaluate(model: str | nn.Module, *, attack: str | Sequence[str] = "pgd", eps
         raise UserError(f"evaluate() takes a model name or an nn.Module, not {type(model).__name__}.")
     from miarobust.data import Geometry, load_dataset
 
-    geometry = Geometry(*(int(v) for v in input_size)) if input_size is not None else None
-    if geometry is None and "input_size" in (getattr(model, "pretrained_cfg", None) or {}):
-        geometry = Geometry.of(model)
-    if geometry is None:
-        raise UserError(f"{type(model).__name__} has no timm pretrained_cfg saying what it takes: pass "
-                        "input_size=(C, H, W).")
-    if isinstance(data, str):
-        dataset, name = None, data
-    else:
-        dataset = own_data(data, geometry, n)
-        name = f"{'tensors' if isinstance(data, tuple) else type(data).__name__}-{data_sha256(dataset, n)[:10]}"
+    geometry = Geometry.of_module(model, input_size)
+    dataset, name, top_label = None, data, None
+    if not isinstance(data, str):
+        dataset, sha_data, top_label = own_data(data, geometry, n)
+        name = f"{'tensors' if isinstance(data, tuple) else type(data).__name__}-{sha_data[:10]}"
     sha = state_sha256(model)
     cfg = RunConfig.with_eps(eps, model=f"{type(model).__name__}-{sha[:10]}", attacks=attacks, data=name, n=n,
                              out=str(Path(out)), **options)
@@ -91,14 +85,17 @@ def evaluate(model: str | nn.Module, *, attack: str | Sequence[str] = "pgd", eps
         dataset = load_dataset(cfg.data, geometry, cfg.data_root, cfg.split)
     ev = Evaluation(cfg, model, dataset, geometry, tuple(mean) if mean is not None else None,
                     tuple(std) if std is not None else None)
-    if not isinstance(data, str):
-        check_labels(dataset, n, ev.num_classes)
+    if top_label is not None and top_label >= ev.num_classes:
+        raise UserError(f"data has label {top_label} but the model outputs {ev.num_classes} classes (0 to "
+                        f"{ev.num_classes - 1}): pass labels of the model's classes.")
     ev.weights_sha256 = sha
     return run(cfg, progress=progress, ev=ev)
 
 
-def own_data(data: Any, geometry: Any, n: int | None) -> Dataset:
-    """A user's (images, labels) tensors or Dataset, checked against the model's input: shape, range, labels."""
+def own_data(data: Any, geometry: Any, n: int | None) -> tuple[Dataset, str, int]:
+    """A user's (images, labels) tensors or Dataset, read once: checked against the model's input (shape, dtype,
+    range, labels), the SHA-256 of its first n (image, label) pairs (which images a result is of), and their largest
+    label (checked against the model's classes once the model is wrapped)."""
     if isinstance(data, tuple):
         if len(data) != 2 or not all(isinstance(t, torch.Tensor) for t in data):
             raise UserError("data=(images, labels) takes two tensors: images (N, C, H, W) in [0, 1], labels (N,).")
@@ -113,6 +110,7 @@ def own_data(data: Any, geometry: Any, n: int | None) -> Dataset:
         raise UserError(f"data is a {type(data).__name__}: pass a data set's name, (images, labels) tensors or a "
                         "torch Dataset of (image, label) pairs.")
     want = (geometry.channels, geometry.height, geometry.width)
+    h, top = hashlib.sha256(), -1
     for i in range(min(len(data), n if n is not None else len(data))):
         x, y = data[i]
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != want:
@@ -126,26 +124,10 @@ def own_data(data: Any, geometry: Any, n: int | None) -> Dataset:
         label = y.item() if isinstance(y, torch.Tensor) and y.numel() == 1 else y
         if isinstance(label, bool) or not isinstance(label, int) or label < 0:
             raise UserError(f"label {i} of data is {y!r}: labels must be class indices (integers >= 0).")
-    return data
-
-
-def check_labels(data: Dataset, n: int | None, classes: int) -> None:
-    """A UserError unless every label of the first n items is below the model's output count."""
-    for i in range(min(len(data), n if n is not None else len(data))):
-        y = int(data[i][1])
-        if y >= classes:
-            raise UserError(f"label {i} of data is {y} but the model outputs {classes} classes (0 to {classes - 1}): "
-                            "pass labels of the model's classes.")
-
-
-def data_sha256(data: Dataset, n: int | None) -> str:
-    """SHA-256 of the first n (image, label) pairs of a data set: which images a result is of."""
-    h = hashlib.sha256()
-    for i in range(min(len(data), n if n is not None else len(data))):
-        x, y = data[i]
         h.update(x.detach().float().cpu().contiguous().numpy().tobytes())
-        h.update(str(int(y)).encode())
-    return h.hexdigest()
+        h.update(str(label).encode())
+        top = max(top, label)
+    return data, h.hexdigest(), top
 
 
 class Attack:

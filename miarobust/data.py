@@ -9,7 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -45,6 +45,17 @@ class Geometry:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         c, h, w = cfg.get("input_size", (3, 224, 224))
         return cls(c, h, w, cfg.get("interpolation", "bilinear") or "bilinear", cfg.get("crop_pct", 1.0) or 1.0)
+
+    @classmethod
+    def of_module(cls, model: torch.nn.Module, input_size: Sequence[int] | None = None) -> Geometry:
+        """`input_size` (C, H, W) if given, else what the module's timm pretrained_cfg says; a UserError if neither."""
+        if input_size is not None:
+            c, h, w = (int(v) for v in input_size)
+            return cls(c, h, w)
+        if "input_size" not in (getattr(model, "pretrained_cfg", None) or {}):
+            raise UserError(f"{type(model).__name__} has no timm pretrained_cfg saying what it takes: pass "
+                            "input_size=(C, H, W).")
+        return cls.of(model)
 
 
 def fit(x: torch.Tensor, geometry: Geometry) -> torch.Tensor:

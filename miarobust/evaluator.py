@@ -97,12 +97,7 @@ class Evaluation:
         for a in cfg.attacks:
             if a not in PRESETS:
                 get_attack(a, acfg)
-        if geometry is None:
-            if "input_size" not in (getattr(model, "pretrained_cfg", None) or {}):
-                raise UserError(f"{type(model).__name__} has no timm pretrained_cfg saying what it takes: pass "
-                                "input_size=(C, H, W).")
-            geometry = Geometry.of(model)
-        self.geometry = geometry
+        self.geometry = geometry = geometry if geometry is not None else Geometry.of_module(model)
         self.adaptive = adaptive_core(model)  # MIA-Former or a dynamic-ViT peer; None for a static model
         if cfg.gate_mode is not None:
             if self.adaptive is None:
