@@ -1,13 +1,16 @@
-"""The adaptive grid: the gated models and the static one under the `adaptive` preset with the sanity checks on,
-each image's worst case over every run made on it, and the paired comparisons with Holm-corrected p-values.
+"""The adaptive grid: the gated models, the dynamic-ViT peers and the static one under the `adaptive` preset with
+the sanity checks on, each image's worst case over every run made on it, and the paired comparisons with
+Holm-corrected p-values.
 
 Cells, each one `miarobust run ... --attack adaptive --checks on` (resumable; results under --out):
   static `vit_fmnist`; `mia_vit_fmnist` with the weights `mia_vit_fmnist_b07` and with its default weights
   (`mia_vit_fmnist_lat076`), deterministic gates and stochastic gates (10 draws per image, EOT K chosen by
-  the preset's convergence probe), each on the first images of the embedded set (ROWS says how many).
-Then `miarobust worst` writes, per model x weights x gate mode x eps, each image's worst case over the runs of
---out and the earlier grid of those weights (results/grid: b07 and the static model; results/grid-lat076: the
-default weights) into --worst-out/<grid>, and the tables are printed from those folders.
+  the preset's convergence probe); `mia_vit_fmnist_b05` and the peers AdaViT, A-ViT, DynamicViT (their default
+  weights) and ToMe (r = 8, training-free), deterministic decisions through straight-through where the mechanism
+  has them; each on the first images of the embedded set (ROWS says how many).
+Then `miarobust worst` writes, per model x model arguments x weights x gate mode x eps, each image's worst case over
+the runs of --out and of the earlier grids (EARLIER) into --worst-out (rewritten whole), and the tables are printed
+from those folders.
 
     python benchmarks/adaptive_grid.py [--eps 8/255] [--n N] [--batch-size B] [--rows REGEX] [--only-table]
         [--out results/adaptive] [--worst-out results/worst]
@@ -19,9 +22,11 @@ import argparse
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -29,21 +34,53 @@ from miarobust.stats import holm, paired_drop_p, paired_mean_diff, wilson
 
 B07 = ["--model", "mia_vit_fmnist", "--checkpoint", "mia_vit_fmnist_b07"]
 LAT = ["--model", "mia_vit_fmnist"]  # its default weights, mia_vit_fmnist_lat076
-#: (row name, weights name, gate mode, model arguments, images, earlier runs joining the worst case): the rows.
+B05 = ["--model", "mia_vit_fmnist", "--checkpoint", "mia_vit_fmnist_b05"]
+#: Folders of earlier runs that join each image's worst case (runs of other weights or models are never combined).
+EARLIER = ["results/grid", "results/grid-lat076"]
+
+
+class Row(NamedTuple):
+    """One row of the grid: its name, the model and weights it runs (the weights' file name, its model arguments as
+    config.json records them), gate mode (None: static), `miarobust run` model arguments and images."""
+
+    name: str
+    model: str
+    weights: str
+    gate: str | None
+    argv: list[str]
+    n: int
+    model_kwargs: str = ""
+
+
 #: Images: what 2 cores allow (AutoAttack and its straight-through twin cost 20-30 min per 100 images on a gated model
-#: with deterministic gates, about four times that through EOT K = 4 on stochastic gates; the checks as much again).
+#: with deterministic gates, about four times that through EOT K = 4 on stochastic gates, and a masked token-level
+#: peer about twice a gated model; the checks as much again).
 ROWS = [
-    ("vit_fmnist (static)", "vit_fmnist", None, ["--model", "vit_fmnist"], 500, "results/grid"),
-    ("b07, deterministic gates", "mia_vit_fmnist_b07", "deterministic", [*B07, "--gate-mode", "deterministic"], 200,
-     "results/grid"),
-    ("b07, stochastic gates", "mia_vit_fmnist_b07", "stochastic",
-     [*B07, "--gate-mode", "stochastic", "--eval-samples", "10"], 100, "results/grid"),
-    ("lat076, deterministic gates", "mia_vit_fmnist_lat076", "deterministic", [*LAT, "--gate-mode", "deterministic"],
-     200, "results/grid-lat076"),
-    ("lat076, stochastic gates", "mia_vit_fmnist_lat076", "stochastic",
-     [*LAT, "--gate-mode", "stochastic", "--eval-samples", "10"], 100, "results/grid-lat076"),
+    Row("vit_fmnist (static)", "vit_fmnist", "vit_fmnist", None, ["--model", "vit_fmnist"], 500),
+    Row("b07, deterministic gates", "mia_vit_fmnist", "mia_vit_fmnist_b07", "deterministic",
+        [*B07, "--gate-mode", "deterministic"], 200),
+    Row("b07, stochastic gates", "mia_vit_fmnist", "mia_vit_fmnist_b07", "stochastic",
+        [*B07, "--gate-mode", "stochastic", "--eval-samples", "10"], 100),
+    Row("lat076, deterministic gates", "mia_vit_fmnist", "mia_vit_fmnist_lat076", "deterministic",
+        [*LAT, "--gate-mode", "deterministic"], 200),
+    Row("lat076, stochastic gates", "mia_vit_fmnist", "mia_vit_fmnist_lat076", "stochastic",
+        [*LAT, "--gate-mode", "stochastic", "--eval-samples", "10"], 100),
+    # MIA-Former at half the MACs and the dynamic-ViT peers (each with its default weights), deterministic decisions:
+    Row("b05, deterministic gates", "mia_vit_fmnist", "mia_vit_fmnist_b05", "deterministic",
+        [*B05, "--gate-mode", "deterministic"], 50),
+    Row("AdaViT b05", "adavit_vit_fmnist", "adavit_vit_fmnist_b05", "deterministic",
+        ["--model", "adavit_vit_fmnist", "--gate-mode", "deterministic"], 50),
+    Row("A-ViT b05", "avit_vit_fmnist", "avit_vit_fmnist_b05", "deterministic",
+        ["--model", "avit_vit_fmnist", "--gate-mode", "deterministic"], 50),
+    Row("DynamicViT b05", "dynamicvit_vit_fmnist", "dynamicvit_vit_fmnist_b05", "deterministic",
+        ["--model", "dynamicvit_vit_fmnist", "--gate-mode", "deterministic"], 50),
+    Row("ToMe r = 8", "tome_vit_fmnist", "vit_fmnist", "deterministic",
+        ["--model", "tome_vit_fmnist", "--model-kwargs", "r=8"], 50, "r=8"),
 ]
-#: (row a, row b): is a more robust than b on the same images?
+#: (row a, row b): is a more robust than b on the same images? The gated models against the static one and their
+#: stochastic gates against their deterministic ones; each peer against the static model and against the
+#: MIA-Former checkpoint nearest its MACs (AdaViT 0.50, DynamicViT 0.50 and ToMe 0.52 of the static MACs against
+#: b05's 0.49; A-ViT's 0.56 against the default lat076's 0.64, the nearest MIA-Former with the preset's runs).
 PAIRS = [
     ("b07, deterministic gates", "vit_fmnist (static)"),
     ("b07, stochastic gates", "vit_fmnist (static)"),
@@ -51,6 +88,15 @@ PAIRS = [
     ("lat076, deterministic gates", "vit_fmnist (static)"),
     ("lat076, stochastic gates", "vit_fmnist (static)"),
     ("lat076, stochastic gates", "lat076, deterministic gates"),
+    ("b05, deterministic gates", "vit_fmnist (static)"),
+    ("AdaViT b05", "vit_fmnist (static)"),
+    ("AdaViT b05", "b05, deterministic gates"),
+    ("A-ViT b05", "vit_fmnist (static)"),
+    ("A-ViT b05", "lat076, deterministic gates"),
+    ("DynamicViT b05", "vit_fmnist (static)"),
+    ("DynamicViT b05", "b05, deterministic gates"),
+    ("ToMe r = 8", "vit_fmnist (static)"),
+    ("ToMe r = 8", "b05, deterministic gates"),
 ]
 
 
@@ -74,13 +120,26 @@ def eps_value(text: str) -> float:
     return Eps.parse(text).value
 
 
-def worst_folders(root: Path) -> dict[tuple[str, str | None, float], Path]:
-    """(weights SHA-256, gate mode, eps) -> worst-case folder under `root`."""
+def worst_folders(root: Path) -> dict[tuple[str, str, str, str | None, float], Path]:
+    """(model, model arguments, weights SHA-256, gate mode, eps) -> worst-case folder under `root`."""
     found = {}
     for path in root.glob("*/config.json"):
         cfg = json.loads(path.read_text())
-        found[cfg.get("weights_sha256"), cfg.get("gate_mode"), round(float(cfg["eps"]), 9)] = path.parent
+        key = (cfg["model"], cfg.get("model_kwargs") or "", cfg.get("weights_sha256"), cfg.get("gate_mode"))
+        found[(*key, round(float(cfg["eps"]), 9))] = path.parent
     return found
+
+
+def rewrite_worst(sources: list[str], out: Path) -> dict:
+    """Each image's worst case over every run below `sources`, written afresh into `out` (its earlier worst-case
+    folders removed first, so none of another revision's runs lingers); the folders by worst_folders' key."""
+    from miarobust.worst import KIND, worst_case
+
+    for old in out.glob("*/config.json") if out.is_dir() else []:
+        if json.loads(old.read_text()).get("kind") == KIND:
+            shutil.rmtree(old.parent)
+    worst_case([p for p in sources if Path(p).is_dir()], out)
+    return worst_folders(out)
 
 
 def headline(folder: Path) -> pd.DataFrame:
@@ -143,38 +202,31 @@ def main() -> None:
     eps_list = args.eps.split(",")
     if not args.only_table:
         for eps in eps_list:
-            for name, _, _, argv, n, _ in ROWS:
-                if args.rows is None or re.search(args.rows, name):
-                    cmd = cell(argv, eps, args.n or n, args.out, args.batch_size)
+            for row in ROWS:
+                if args.rows is None or re.search(args.rows, row.name):
+                    cmd = cell(row.argv, eps, args.n or row.n, args.out, args.batch_size)
                     print("$ miarobust", shlex.join(cmd), flush=True)
                     subprocess.run([sys.executable, "-m", "miarobust", *cmd], check=True)
-    from miarobust.worst import worst_case
-
-    folders = {}
-    for earlier in sorted({row[-1] for row in ROWS}):
-        sources = [p for p in (args.out, earlier) if Path(p).is_dir()]
-        if sources:
-            worst_case(sources, Path(args.worst_out) / Path(earlier).name)
-        folders[earlier] = worst_folders(Path(args.worst_out) / Path(earlier).name)
+    folders = rewrite_worst([args.out, *EARLIER], Path(args.worst_out))
     table: dict[str, dict[str, pd.DataFrame]] = {}
-    print(f"\nEach image's worst case over every run on it ({args.out} and the earlier grid of the weights), on the "
-          "images all those runs cover:\n")
+    print(f"\nEach image's worst case over every run on it ({', '.join([args.out, *EARLIER])}), on the images all "
+          "those runs cover:\n")
     print("| model, gates | clean % | " + " | ".join(f"eps {e}" for e in eps_list) + " | runs combined |")
     print("|---|---|" + "---|" * len(eps_list) + "---|")
-    for name, weights, gate, _, _, earlier in ROWS:
-        sha = weights_sha256(weights)
+    for row in ROWS:
+        key = (row.model, row.model_kwargs, weights_sha256(row.weights), row.gate)
         cells, clean, runs = [], "-", set()
         for eps in eps_list:
-            folder = folders[earlier].get((sha, gate, round(eps_value(eps), 9)))
+            folder = folders.get((*key, round(eps_value(eps), 9)))
             if folder is None:
                 cells.append("-")
                 continue
             h = headline(folder)
-            table.setdefault(name, {})[eps] = h
+            table.setdefault(row.name, {})[eps] = h
             cells.append(pct(h.robust.mean(), len(h)))
             clean = f"{100 * h.clean_correct.mean():.1f}"
             runs.add(len(json.loads((folder / "config.json").read_text())["combines"]))
-        print(f"| {name} | {clean} | " + " | ".join(cells) + f" | {'/'.join(map(str, sorted(runs))) or '-'} |")
+        print(f"| {row.name} | {clean} | " + " | ".join(cells) + f" | {'/'.join(map(str, sorted(runs))) or '-'} |")
     print_preset_runs(Path(args.out))
     rows = [(a, b, eps, *compare(table[a][eps], table[b][eps]))
             for a, b in PAIRS for eps in eps_list if eps in table.get(a, {}) and eps in table.get(b, {})]

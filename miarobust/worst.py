@@ -37,7 +37,12 @@ log = logging.getLogger(__name__)
 
 KIND = "worst-case"
 #: config.json fields that must be equal for runs to be combined (eps is compared apart, with a tolerance).
-KEY = ("model", "weights_sha256", "data", "split", "data_root", "norm", "gate_mode", "num_classes", "img_size")
+KEY = ("model", "model_kwargs", "weights_sha256", "data", "split", "data_root", "norm", "gate_mode", "num_classes",
+       "img_size", "precision")
+#: What a key field means where a run's files leave it out or empty (runs written before the field existed, and
+#: the defaults that config.json's identity drops): ToMe at r = 6 and at r = 8 on the same weights are two models,
+#: and an image fooled under bf16 need not be fooled under fp32, so neither may join the other's worst case.
+KEY_DEFAULTS = {"model_kwargs": "", "precision": "fp32"}
 #: Relative tolerance on eps: 8/255 parsed twice may differ in the last bits, 0.031 vs 8/255 is another radius.
 EPS_RTOL = 1e-6
 #: samples.csv column, 1 for the images every source run covers: the rows of the headline figures.
@@ -86,8 +91,10 @@ def environment() -> dict[str, Any]:
 
 
 def _field(run: Run, name: str) -> Any:
-    """A group-key field of `run`: config.json's value, summary.json's where config.json lacks it."""
-    return run.config[name] if name in run.config else run.summary.get(name)
+    """A group-key field of `run`: config.json's value, summary.json's where config.json lacks it, the field's
+    default (KEY_DEFAULTS) where both leave it out or empty."""
+    value = run.config[name] if name in run.config else run.summary.get(name)
+    return KEY_DEFAULTS.get(name) if value in (None, "", {}) and name in KEY_DEFAULTS else value
 
 
 def _eps(run: Run) -> float:

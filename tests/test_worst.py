@@ -158,7 +158,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(cli, root, tmp_path,
 
 
 def plant(folder: Path, attack: str, robust: list[float], clean: list[float], eot: int, gate_mode: str = "stochastic",
-          labels: list[int] | None = None, checks: dict | None = None) -> Path:
+          labels: list[int] | None = None, checks: dict | None = None, config: dict | None = None) -> Path:
     """A finished run folder as `miarobust run` writes it, with the given per-image records."""
     n = len(robust)
 
@@ -173,7 +173,7 @@ def plant(folder: Path, attack: str, robust: list[float], clean: list[float], eo
     stochastic = gate_mode == "stochastic"
     write_json(folder / "config.json", {**threat, "weights_sha256": "ab" * 32, "checkpoint": "/w/mia_b07.safetensors",
                                         "split": "test", "data_root": None, "num_classes": None, "img_size": None,
-                                        "attacks": [attack], "eot": eot, "seed": 0, "steps": 10})
+                                        "attacks": [attack], "eot": eot, "seed": 0, "steps": 10, **(config or {})})
     label = ("adaptive" if eot > 1 else "non-adaptive") if stochastic else "deterministic-model"
     write_json(folder / "summary.json", {
         **threat, "n": n, "steps": 10, "eval_samples": 10 if stochastic else 1, "stochastic": stochastic,
@@ -206,6 +206,22 @@ def test_fractional_records_take_the_minimum_estimate_per_image(tmp_path):
     assert run.integrity == []
     worst = next(row for row in run_rows(run) if row["attack"] == "worst-case")
     assert worst["flags"] == "eot-pgd-eot4/eot_converged" and worst["n"] == 4 and worst["eot"] == 16
+
+
+def test_model_arguments_and_precision_part_runs_and_their_defaults_join_them(tmp_path):
+    runs = tmp_path / "runs"
+    det = {"gate_mode": "deterministic"}
+    plant(runs / "r6", "pgd", [1, 1], [1, 1], eot=1, **det, config={"model_kwargs": "r=6"})
+    plant(runs / "r8", "pgd", [0, 0], [1, 1], eot=1, **det, config={"model_kwargs": "r=8"})
+    plant(runs / "bf16", "pgd", [0, 1], [1, 1], eot=1, **det, config={"precision": "bf16"})
+    plant(runs / "old", "pgd", [1, 0], [1, 1], eot=1, **det)  # written before either field: no arguments, fp32
+    plant(runs / "new", "autoattack", [1, 1], [1, 1], eot=1, **det, config={"model_kwargs": "", "precision": "fp32"})
+    results = worst_case([runs], tmp_path / "out")
+    combined = sorted(sorted(c["folder"].split("/")[-1] for c in r.config["combines"]) for r in results)
+    assert combined == [["bf16"], ["new", "old"], ["r6"], ["r8"]]
+    plain = next(r for r in results if len(r.config["combines"]) == 2)
+    assert plain.config["model_kwargs"] == "" and plain.config["precision"] == "fp32"
+    assert read(plain.folder)[2]["robust"].tolist() == [1, 0]
 
 
 def test_a_worst_case_folder_below_the_input_is_not_combined_again(tmp_path):
