@@ -36,8 +36,11 @@ from miarobust.results import (
     PARTIAL,
     SAMPLES,
     SUMMARY,
+    csv_text,
+    json_bytes,
     missing_folders,
     write_csv,
+    write_files,
     write_json,
 )
 from miarobust.results.store import (
@@ -299,9 +302,9 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
         try:
             for b in bar:
                 frame = ev.run_batch(b)
-                if ev.warnings[b]:  # before the records, whose file marks the batch done
-                    write_json(folder / PARTIAL / warnings_name(b), ev.warnings[b])
-                write_csv(folder / PARTIAL / partial_name(b), frame)
+                # one step (the records' file marks the batch done): a full disk leaves the batch wholly unsaved
+                warned = {folder / PARTIAL / warnings_name(b): json_bytes(ev.warnings[b])} if ev.warnings[b] else {}
+                write_files({**warned, folder / PARTIAL / partial_name(b): csv_text(frame).encode()})
                 sums = {"clean": sums["clean"] + frame["clean_correct"].sum(), "robust": sums["robust"] + frame["robust"].sum(),
                         "n": sums["n"] + len(frame)}
                 bar.set_postfix(clean=f"{sums['clean'] / sums['n']:.3f}", robust=f"{sums['robust'] / sums['n']:.3f}")

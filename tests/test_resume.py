@@ -187,6 +187,44 @@ def test_killed_process_resumes_byte_identical(cli, tmp_path, sig, long_referenc
     assert len(list(tmp_path.iterdir())) == (2 if sig == signal.SIGKILL else 1)
 
 
+def no_space_writing(monkeypatch, name: str) -> None:
+    """Every write of a file called `name` fails as on a full disk (ENOSPC), part-way through the file."""
+    import errno
+
+    import miarobust.results.io as io
+
+    real = io._stage
+
+    def stage(path, write):
+        if path.name != name:
+            return real(path, write)
+
+        def half_then_full(f):
+            f.write(b"half a fi")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        return real(path, half_then_full)
+
+    monkeypatch.setattr(io, "_stage", stage)
+
+
+def test_a_full_disk_while_saving_a_batch_keeps_the_earlier_batches_and_says_so(cli, tmp_path, monkeypatch, reference):
+    """The disk fills while batch 1 is saved: one line, exit 2, batch 0 kept whole, no trace of batch 1; with space
+    again the same command resumes at batch 1 and ends byte-identical to an uninterrupted run."""
+    args = ["run", "--model", "vit_fmnist", "--n", "24", "--batch-size", "8", "--steps", "2", "--checks", "off",
+            "--out", str(tmp_path)]
+    no_space_writing(monkeypatch, partial_name(1))
+    r = cli(*args)
+    (folder,) = tmp_path.iterdir()
+    assert r.code == 2 and r.err.count("error:") == 1 and "Traceback" not in r.err
+    assert r.err.strip().splitlines()[-1].startswith(f"error: no space left on the device while writing {folder / 'partial' / partial_name(1)}")
+    assert "free space, then run the same command again" in r.err
+    assert files_under(folder) == [".lock", "config.json", "partial", f"partial/{partial_name(0)}"]
+    monkeypatch.undo()
+    assert cli(*args).code == 0
+    assert samples_bytes(tmp_path) == reference
+
+
 def test_folder_of_other_weights_is_not_reused(cli, tmp_path):
     from safetensors.torch import save_file
 

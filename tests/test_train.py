@@ -88,6 +88,29 @@ def test_mia_training_interrupted_then_resumed_equals_uninterrupted(cli, tmp_pat
     pd.testing.assert_frame_equal(a, b)
 
 
+def test_a_full_disk_at_the_epoch_end_keeps_the_last_finished_epoch_and_says_so(cli, tmp_path, monkeypatch) -> None:
+    """The disk fills while epoch 2's resume state is written, after its weights and log were staged: one line,
+    exit 2, and the weights, log and state all still epoch 1's (no mix of epochs, no temporary file); with space
+    again the same command resumes from epoch 1 and finishes."""
+    from test_resume import no_space_writing
+
+    out = tmp_path / "t"
+    common = ["train", "--model", "vit_fmnist", "--data", "synthetic", "--batch-size", "64", "--out", str(out)]
+    assert cli(*common, "--epochs", "1").code == 0
+    kept = ("model.safetensors", "log.csv", "state.pt")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name in kept}
+    no_space_writing(monkeypatch, "state.pt")
+    r = cli(*common, "--epochs", "2")
+    assert r.code == 2 and r.err.count("error:") == 1 and "Traceback" not in r.err, r.err
+    assert r.err.strip().splitlines()[-1].startswith(f"error: no space left on the device while writing {out / 'state.pt'}")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in kept} == before
+    assert not list(out.glob(".*.tmp"))  # nothing staged is left behind
+    monkeypatch.undo()
+    assert cli(*common, "--epochs", "2").code == 0
+    assert len(pd.read_csv(out / "log.csv")) == 2
+    assert torch.load(out / "state.pt", weights_only=True)["epoch"] == 2
+
+
 def test_folder_with_more_classes_than_outputs(cli, tmp_path) -> None:
     """Twelve class folders: refused in one line, nothing written, unless --num-classes gives the head room."""
     from PIL import Image

@@ -4,6 +4,7 @@ folder, fsync, then `os.replace`, so a killed process leaves either the old file
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -15,10 +16,22 @@ from typing import IO, Any
 
 import pandas as pd
 
+from miarobust.errors import UserError
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
-    """Write `path` through `write(file)` into a temporary sibling, then rename it into place."""
-    path = Path(path)
+#: errno values of a write that failed for want of space (a full disk, a quota): a user's problem, told in one line.
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+class DiskFull(UserError):
+    """A write ran out of space; the file it was writing, and every file before it, are as they were."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"no space left on the device while writing {path}: it and the files written before it are "
+                         "as they were (nothing half-written); free space, then run the same command again.")
+
+
+def _stage(path: Path, write: Callable[[IO[bytes]], Any]) -> str:
+    """Write `path`'s new content through `write(file)` into a temporary sibling, synced; returns its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)
@@ -29,9 +42,33 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            raise DiskFull(path) from None
+        raise
+    return tmp
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
+    """Write `path` through `write(file)` into a temporary sibling, then rename it into place."""
+    write_files({path: write})
+
+
+def write_files(files: dict[str | os.PathLike[str], bytes | Callable[[IO[bytes]], Any]]) -> None:
+    """Write several files as one step: every new content is staged and synced first, and only then renamed into
+    place, so a write that fails (a full disk, a kill) leaves all of them as they were, not some old and some new.
+    A value is the file's bytes or a function that writes them into the file it is given."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, content in files.items():
+            write = content if callable(content) else (lambda f, data=content: f.write(data))
+            staged.append((_stage(Path(path), write), Path(path)))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -45,9 +82,14 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     write_bytes(path, text.encode())
 
 
+def json_bytes(obj: Any) -> bytes:
+    """JSON as the project writes it: sorted keys, indented, NaN refused."""
+    return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Atomically write JSON (sorted keys, indented, NaN refused)."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    """Atomically write json_bytes(obj)."""
+    write_bytes(path, json_bytes(obj))
 
 
 def missing_folders(folder: str | os.PathLike[str]) -> list[Path]:
@@ -73,9 +115,14 @@ def remove_folders(created: list[Path]) -> None:
 CSV_FLOAT = "%.6g"  # six significant digits: last-bit noise of float arithmetic does not reach the file
 
 
+def csv_text(frame: pd.DataFrame) -> str:
+    """A CSV with a fixed float format, so equal results give equal bytes."""
+    return frame.to_csv(index=False, float_format=CSV_FLOAT, lineterminator="\n")
+
+
 def write_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> None:
-    """Atomically write a CSV with a fixed float format, so equal results give equal bytes."""
-    write_text(path, frame.to_csv(index=False, float_format=CSV_FLOAT, lineterminator="\n"))
+    """Atomically write csv_text(frame)."""
+    write_text(path, csv_text(frame))
 
 
 def git_revision() -> str | None:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from miarobust.errors import UserError
-from miarobust.results import write_bytes, write_csv, write_json
+from miarobust.results import csv_text, write_bytes, write_files, write_json
 
 log = logging.getLogger(__name__)
 
@@ -264,11 +264,11 @@ def fit(
                    file=sys.stderr)
         frame = pd.DataFrame(rows)
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        write_bytes(out / "model.safetensors", save(weights, metadata={"epoch": str(epoch + 1)}))
-        write_csv(out / "log.csv", frame)
         buf = io.BytesIO()
         torch.save({"model": weights, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
                     "carried": dict(carried or {}), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}, buf)
-        write_bytes(state_file, buf.getvalue())
+        # one step: a full disk or a kill leaves the weights, the log and the resume state all of the same epoch
+        write_files({out / "model.safetensors": save(weights, metadata={"epoch": str(epoch + 1)}),
+                     out / "log.csv": csv_text(frame).encode(), state_file: buf.getvalue()})
         plot_curves(frame, out / "curves.png", f"{cfg.model} on {cfg.data}")
     return pd.DataFrame(rows)
