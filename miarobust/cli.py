@@ -309,6 +309,10 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
 
     created = missing_folders(out)
     with distributed_context(cfg) as (rank, world):  # under torchrun: one rank per process, train/ranks.py
+        if world > 1:
+            from miarobust.distributed import stop_on_sigterm
+
+            stop_on_sigterm()
         try:
             if mia:
                 from miarobust.train.mia import train_mia
@@ -330,6 +334,14 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
             unfinished = bool(created) and not (Path(out) / "state.pt").exists()  # no epoch finished: nothing to resume
             if unfinished and rank == 0:
                 remove_folders(created)
+            from miarobust.distributed import RankStopped, lost_a_rank
+
+            if world > 1 and (isinstance(e, RankStopped) or lost_a_rank(e)):
+                click.echo(f"rank {rank}: stopped because another rank of this torchrun failed or was killed (torchrun's "
+                           "report names it); " + ("no epoch had finished: nothing to resume." if unfinished else
+                           f"finished epochs are kept in {out}: run the same command again, on any number of ranks, "
+                           "to resume."), err=True)
+                sys.exit(143 if isinstance(e, RankStopped) else 1)
             if not isinstance(e, KeyboardInterrupt):
                 raise
             if rank == 0:

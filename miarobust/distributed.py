@@ -51,3 +51,27 @@ def distributed_context(cfg: Any) -> Iterator[tuple[int, int]]:
             # process otherwise). A rank that failed skips this: torchrun then stops the others.
             dist.barrier()
         dist.destroy_process_group()
+
+
+class RankStopped(KeyboardInterrupt):
+    """torchrun's SIGTERM: it stops every rank when one fails or is killed."""
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into RankStopped, so a rank that torchrun stops says why in one line instead of vanishing."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise RankStopped
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def lost_a_rank(e: BaseException) -> bool:
+    """Whether `e` is a collective's failure because another rank went away (gloo: the connection closed; nccl)."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or (isinstance(e, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL")))
+

@@ -214,6 +214,47 @@ def test_two_ranks_train_what_one_process_trains_with_the_doubled_batch_and_resu
     pd.testing.assert_frame_equal(log_a, log_b, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
+def test_a_rank_killed_mid_epoch_stops_the_run_in_one_line_and_the_rerun_resumes(cli, tmp_path) -> None:
+    """SIGKILL to rank 1 once an epoch has finished: torchrun stops rank 0, which says why in one line and where
+    the finished epochs are; the same command (here on one process) resumes from the last finished epoch."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "t"
+    common = ["train", "--model", "vit_fmnist", "--data", "synthetic", "--batch-size", "64", "--out", str(out)]
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "miarobust", *common, "--epochs", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=subprocess_env())
+    try:
+        deadline = time.time() + 300
+        while not (out / "state.pt").exists():
+            assert p.poll() is None and time.time() < deadline, p.communicate()[1][-2000:]
+            time.sleep(0.01)
+        ranks = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()  # the agent's two workers
+        os.kill(int(ranks[-1]), signal.SIGKILL)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0
+    assert "exitcode  : -9" in err  # torchrun's own report names the killed rank
+    (line,) = [x for x in err.splitlines() if x.startswith(("rank 0: ", "rank 1: "))]  # the survivor's
+    assert line[len("rank 0: "):] == ("stopped because another rank of this torchrun failed or was killed (torchrun's report "
+                    f"names it); finished epochs are kept in {out}: run the same command again, on any number of "
+                    "ranks, to resume.")
+    finished = torch.load(out / "state.pt", weights_only=True)["epoch"]
+    log = pd.read_csv(out / "log.csv")
+    assert 1 <= finished < 50 and len(log) == finished
+    r = cli(*common, "--epochs", str(finished + 1))
+    assert r.code == 0, r.err
+    resumed = pd.read_csv(out / "log.csv")
+    assert len(resumed) == finished + 1
+    pd.testing.assert_frame_equal(without_timing(resumed.iloc[:finished]), without_timing(log))
+
+
 def test_loader_workers_are_deterministic(cli, tmp_path) -> None:
     """--workers 2 loads in worker processes; two runs give the same weights, and config.json records the count."""
     common = ["train", "--model", "vit_fmnist", "--data", "synthetic", "--epochs", "1", "--batch-size", "64", "--augment",
