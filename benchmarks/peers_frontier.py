@@ -29,6 +29,9 @@ ROWS = [
     ("DynamicViT, MACs budget 0.5", ["--model", "dynamicvit_vit_fmnist", "--checkpoint", "dynamicvit_vit_fmnist_b05"]),
     ("A-ViT, MACs budget 0.5", ["--model", "avit_vit_fmnist", "--checkpoint", "avit_vit_fmnist_b05"]),
     ("AdaViT, MACs budget 0.5", ["--model", "adavit_vit_fmnist", "--checkpoint", "adavit_vit_fmnist_b05"]),
+    ("DynamicViT, MACs budget 0.65", ["--model", "dynamicvit_vit_fmnist", "--checkpoint", "dynamicvit_vit_fmnist_b065"]),
+    ("A-ViT, MACs budget 0.65", ["--model", "avit_vit_fmnist", "--checkpoint", "avit_vit_fmnist_b065"]),
+    ("AdaViT, MACs budget 0.65", ["--model", "adavit_vit_fmnist", "--checkpoint", "adavit_vit_fmnist_b065"]),
 ]
 
 
