@@ -4,7 +4,8 @@ results under --out).
 
     python benchmarks/peers_frontier.py [--out results/peers] [--only-table]
 
-A row whose weights are missing (a peer not trained yet) is listed as such, not run.
+A row whose weights are missing (a peer not trained yet) is listed as such, not run. Then PAIRS: accuracy paired on
+the same images, each peer against the MIA-Former checkpoint nearest its MACs (exact McNemar, Holm-adjusted).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 #: (row, model arguments): every row runs deterministic inference on the whole test set.
 ROWS = [
@@ -49,8 +51,57 @@ def available(argv: list[str]) -> bool:
     return name in shipped_names() or Path(name).is_file()
 
 
-def find(out: Path, argv: list[str]) -> dict | None:
-    """summary.json of the row's run in `out`, matched on model, checkpoint and model arguments."""
+#: (row a, row b): paired on the same 10,000 images, each peer against the MIA-Former checkpoint nearest its MACs
+#: (b05 at 0.49 of the static MACs, the default lat076 at 0.64, b07 at 0.70) and the answers to the paper's claim.
+PAIRS = [
+    ("DynamicViT, MACs budget 0.5", "MIA-Former, MACs budget 0.5 (b05)"),
+    ("AdaViT, MACs budget 0.5", "MIA-Former, MACs budget 0.5 (b05)"),
+    ("A-ViT, MACs budget 0.5", "MIA-Former, MACs budget 0.5 (b05)"),
+    ("A-ViT, MACs budget 0.5", "MIA-Former, MACs budget 0.7 (b07)"),
+    ("A-ViT, MACs budget 0.5", "MIA-Former, latency budget 0.76 (default)"),
+    ("AdaViT, MACs budget 0.5", "MIA-Former, MACs budget 0.7 (b07)"),
+    ("ToMe r = 6 (training-free)", "MIA-Former, latency budget 0.76 (default)"),
+    ("DynamicViT, MACs budget 0.65", "MIA-Former, latency budget 0.76 (default)"),
+    ("A-ViT, MACs budget 0.65", "MIA-Former, latency budget 0.76 (default)"),
+    ("AdaViT, MACs budget 0.65", "MIA-Former, latency budget 0.76 (default)"),
+    ("AdaViT, MACs budget 0.65", "MIA-Former, MACs budget 0.7 (b07)"),
+]
+
+
+def print_pairs(out: Path) -> None:
+    """Accuracy differences paired on the same images: discordant counts, exact McNemar (two-sided), Holm-adjusted."""
+    import pandas as pd
+
+    from miarobust.stats import holm, paired_drop_p
+
+    argv = dict(ROWS)
+    rows = []
+    for a, b in PAIRS:
+        found = [find(out, argv[name], folder=True) for name in (a, b)]
+        if None in found:
+            continue
+        (sa, fa), (sb, fb) = found
+        both = pd.read_csv(fa / "samples.csv").merge(pd.read_csv(fb / "samples.csv"), on="index", suffixes=("_a", "_b"))
+        ca, cb = both["clean_correct_a"], both["clean_correct_b"]
+        only_a, only_b = int(((ca == 1) & (cb == 0)).sum()), int(((ca == 0) & (cb == 1)).sum())
+        p = min(1.0, 2 * min(paired_drop_p(only_a, only_b), paired_drop_p(only_b, only_a)))
+        share = sa["gmacs"]["clean_share_of_static"], sb["gmacs"]["clean_share_of_static"]
+        rows.append((a, b, len(both), 100 * ca.mean(), 100 * cb.mean(), only_a, only_b, share, p))
+    if not rows:
+        return
+    adjusted = holm([r[-1] for r in rows])
+    print(f"\nPaired on the same images (exact McNemar, two-sided; Holm over the {len(rows)} comparisons):\n")
+    print("| model a | model b | n | top-1 % (a, b) | only a / only b right | MACs share (a, b) | a's MACs against b's | p "
+          "| Holm p |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (a, b, n, pa, pb, only_a, only_b, (ma, mb), p), padj in zip(rows, adjusted):
+        print(f"| {a} | {b} | {n} | {pa:.2f}, {pb:.2f} | {only_a} / {only_b} | {ma:.3f}, {mb:.3f} | "
+              f"{100 * (ma / mb - 1):+.0f}% | {p:.2g} | {padj:.2g} |")
+
+
+def find(out: Path, argv: list[str], folder: bool = False) -> Any:
+    """summary.json of the row's run in `out`, matched on model, checkpoint and model arguments (with its folder:
+    (summary, folder)); None when the row has not run."""
     model = argv[argv.index("--model") + 1]
     ckpt = argv[argv.index("--checkpoint") + 1] if "--checkpoint" in argv else None
     kwargs = argv[argv.index("--model-kwargs") + 1] if "--model-kwargs" in argv else ""
@@ -58,7 +109,8 @@ def find(out: Path, argv: list[str]) -> dict | None:
         c = json.loads((path.parent / "config.json").read_text())
         asked = (c.get("requested") or {}).get("checkpoint", c.get("checkpoint"))
         if c["model"] == model and c.get("model_kwargs", "") == kwargs and (asked or None) == ckpt:
-            return json.loads(path.read_text())
+            summary = json.loads(path.read_text())
+            return (summary, path.parent) if folder else summary
     return None
 
 
@@ -83,6 +135,7 @@ def main() -> None:
         print(f"| {name} | {100 * c['acc']:.2f} [{100 * c['ci95'][0]:.2f}, {100 * c['ci95'][1]:.2f}] | "
               f"{g['clean_mean']:.5f} | {g['clean_share_of_static']:.3f} | "
               f"{g['clean_p5']:.5f} / {g['clean_p50']:.5f} / {g['clean_p95']:.5f} |")
+    print_pairs(Path(args.out))
 
 
 if __name__ == "__main__":
