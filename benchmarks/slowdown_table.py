@@ -13,7 +13,6 @@ cost more, the paired difference of the per-image shares (95% interval) and the 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 import subprocess
@@ -23,6 +22,9 @@ from pathlib import Path
 import pandas as pd
 
 from miarobust.stats import paired_mean_diff, wilson
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peers_frontier import find  # noqa: E402  (a row's run folder, matched the same way)
 
 MIA = ["--model", "mia_vit_fmnist"]
 #: (row name, `miarobust run` model arguments).
@@ -38,17 +40,6 @@ ROWS = [
 def cell(argv: list[str], out: str) -> list[str]:
     return ["run", *argv, "--attack", "slowdown", "--eps", "8/255", "--n", "500", "--data", "embedded", "--checks",
             "on", "--out", out]
-
-
-def find(out: Path, argv: list[str]) -> Path | None:
-    """The row's finished run folder in `out`: matched on model and the checkpoint asked for."""
-    model = argv[argv.index("--model") + 1]
-    ckpt = argv[argv.index("--checkpoint") + 1] if "--checkpoint" in argv else None
-    for path in sorted(out.glob("*/summary.json")):
-        c = json.loads((path.parent / "config.json").read_text())
-        if c["model"] == model and (c.get("requested") or {}).get("checkpoint") == ckpt:
-            return path.parent
-    return None
 
 
 def pct(k: float, n: int) -> str:
@@ -73,11 +64,11 @@ def main() -> None:
           "under slowdown | checks |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, argv in ROWS:
-        folder = find(Path(args.out), argv)
-        if folder is None:
+        found = find(Path(args.out), argv, folder=True)
+        if found is None:
             print(f"| {name} | not run | | | | | | | | |")
             continue
-        s = json.loads((folder / "summary.json").read_text())
+        s, folder = found
         static = s["gmacs"]["static"]
         d = pd.read_csv(folder / "samples.csv")
         clean, adv = d["clean_gmacs"] / static, d["slowdown_gmacs"] / static
