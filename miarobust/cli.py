@@ -142,10 +142,9 @@ def make_run_config(kw: dict[str, Any]) -> Any:
     twice = sorted({a for a in attacks if attacks.count(a) > 1})
     if twice:
         raise UserError(f"--attack names {', '.join(twice)} twice: name each attack once.")
-    from miarobust.models.registry import parse_model_kwargs
+    from miarobust.models.registry import canonical_model_kwargs
 
-    parsed = parse_model_kwargs(kw.pop("model_kwargs"))
-    kw["model_kwargs"] = ",".join(f"{k}={v}" for k, v in sorted(parsed.items()))  # one spelling, one folder
+    kw["model_kwargs"] = canonical_model_kwargs(kw["model_kwargs"])  # one spelling, one folder
     return RunConfig(eps=eps.value, eps_text=eps.text, alpha=alpha.value if alpha else None, attacks=attacks, **kw)
 
 
@@ -269,6 +268,8 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
               "table measured on --device when the run starts (latency-aware controller).")
 @click.option("--latency-table", default=None, help="MIA with --cost latency: a latency.json of an earlier run "
               "to train against instead of measuring one.")
+@click.option("--model-kwargs", default="", help="More model arguments, saved with the weights and used again when "
+              "they load: ToMe's r=8, EViT's keep_rate=0.7.")
 @click.option("--rl-weight", type=Finite(min=0), default=1.0, show_default=True, help="MIA: weight of the REINFORCE loss.")
 @click.option("--flops-lambda", type=Finite(min=0), default=1.0, show_default=True, help="MIA: reward = correct - lambda * cost ratio.")
 def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None, budget: float | None, cost: str,
@@ -277,9 +278,14 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
     """Train a static ViT, MIA-Former's controller and backbone (hybrid SL + RL), or DynamicViT's token scorers
     and backbone, from a trained static ViT."""
     from miarobust.evaluator import resolve_device
+    from miarobust.models.registry import canonical_model_kwargs, parse_model_kwargs
     from miarobust.train.loop import TrainConfig, resolve_amp
 
     kw["amp"] = resolve_amp(kw["amp"], resolve_device(kw["device"]))
+    kw["model_kwargs"] = canonical_model_kwargs(kw["model_kwargs"])
+    if {"gate_mode", "num_classes"} & set(parse_model_kwargs(kw["model_kwargs"])):
+        raise UserError("--model-kwargs cannot set gate_mode (training chooses the decisions it trains through) or "
+                        "num_classes (use --num-classes).")
     if model.startswith(("tome_", "evit_")) and kw["init"] is None:
         raise UserError(f"{model} runs on a static model's weights as they are (`miarobust run --model {model}`); to "
                         f"fine-tune it with its mechanism on, pass the weights to start from: --init "
@@ -298,7 +304,9 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
     if latency_table is not None and cost != "latency":
         raise UserError("--latency-table is the table of --cost latency: add --cost latency, or leave it out.")
     adaptive = mia or dynamic
-    out = out or (f"runs/{model}-{'lat' if cost == 'latency' else 'b'}{budget:g}" if adaptive else f"runs/{model}")
+    variant = "".join(f"-{part.replace('=', '')}" for part in kw["model_kwargs"].split(",") if part)  # -r8
+    out = out or (f"runs/{model}{variant}-{'lat' if cost == 'latency' else 'b'}{budget:g}" if adaptive else
+                  f"runs/{model}{variant}")
     extra = ({"rl_weight": rl_weight, "flops_lambda": flops_lambda, "kd_weight": kd_weight, "teacher": teacher,
               "cost": cost, "latency_table": latency_table} if mia else
              {"kd_weight": kd_weight, "teacher": teacher} if dynamic else {})

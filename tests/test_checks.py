@@ -412,6 +412,20 @@ def test_slowdown_steps_flags_a_weak_slowdown_attack(gated_mia: nn.Module) -> No
     assert static["status"] == "skip" and "static model" in static["message"]
 
 
+def test_a_slowdown_only_run_skips_the_accuracy_checks(gated_mia: nn.Module) -> None:
+    """Checks 2-5 rerun attacks on accuracy: a run whose only attack is slowdown skips them (no Square, no APGD
+    reruns for a MACs figure) and still runs check 8; a run with slowdown beside an accuracy attack runs them."""
+    x = regions_data()[1][:8]
+    data = (x, torch.zeros(8, dtype=torch.long))
+    _, summary = evaluate(planted(gated_mia, "slowdown", data=data, mia=gated_mia, steps=10))
+    got = {k: v["status"] for k, v in summary["checks"].items()}
+    assert {got[c] for c in checks.ACCURACY_RERUNS} == {"skip"} and got["slowdown_steps"] == "pass", got
+    assert "slowdown-only" in summary["checks"]["square_vs_white_box"]["message"]
+    _, summary = evaluate(planted(gated_mia, "pgd,slowdown", data=data, mia=gated_mia, steps=10))
+    got = {k: v["status"] for k, v in summary["checks"].items()}
+    assert got["large_eps"] != "skip" and got["square_vs_white_box"] != "skip" and got["slowdown_steps"] != "skip", got
+
+
 def test_reruns_are_checked_against_the_threat_model(templates: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     from miarobust import attacks
     from miarobust.attacks.threat import ThreatModelViolation

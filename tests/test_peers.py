@@ -299,6 +299,39 @@ def test_training_refuses_what_a_family_does_not_train(cli, tmp_path) -> None:
     assert r.code == 2 and "--budget" in r.err and not (tmp_path / "t").exists()
 
 
+def test_a_fine_tuned_tomes_r_is_saved_with_its_weights_and_used_again(cli, tmp_path, monkeypatch) -> None:
+    """`train --model-kwargs r=4` fine-tunes ToMe merging 4 tokens per block; the weights carry r=4 in their
+    metadata, so `run` and `create` use it with no other option; an explicit r wins, and the static model
+    loads the same weights without it."""
+    from safetensors import safe_open
+
+    from miarobust.models import create
+
+    monkeypatch.chdir(tmp_path)  # the default run folder, named after the model arguments
+    r = cli("train", "--model", "tome_vit_fmnist", "--init", "vit_fmnist", "--model-kwargs", "r=4", "--data",
+            "synthetic", "--epochs", "1", "--batch-size", "64")
+    assert r.code == 0, r.err
+    weights = tmp_path / "runs" / "tome_vit_fmnist-r4" / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        assert f.metadata()["model"] == "tome_vit_fmnist" and f.metadata()["model_kwargs"] == "r=4"
+    assert json.loads((weights.parent / "config.json").read_text())["model_kwargs"] == "r=4"
+    model = create("tome_vit_fmnist", checkpoint=str(weights))
+    assert model.r == 4 and create("tome_vit_fmnist", checkpoint=str(weights), r=2).r == 2
+    assert not hasattr(create("vit_fmnist", checkpoint=str(weights)), "r")  # another model: the weights alone
+    r = cli("run", "--model", "tome_vit_fmnist", "--checkpoint", str(weights), "--data", "synthetic", "--n", "4",
+            "--attack", "none", "--checks", "off", "--out", str(tmp_path / "runs" / "eval"))
+    assert r.code == 0, r.err
+    (folder,) = (tmp_path / "runs" / "eval").iterdir()
+    s = json.loads((folder / "summary.json").read_text())
+    static = static_macs(VitDims.of(model))
+    assert s["gmacs"]["clean_share_of_static"] == pytest.approx(model.macs_per_image(4) / static, abs=1e-3)
+    assert model.macs_per_image(4) != create("tome_vit_fmnist", pretrained=False).macs_per_image()
+    for bad in ("gate_mode=full", "num_classes=3", "r"):
+        r = cli("train", "--model", "tome_vit_fmnist", "--init", "vit_fmnist", "--model-kwargs", bad, "--data",
+                "synthetic", "--out", str(tmp_path / "bad"))
+        assert r.code == 2 and "--model-kwargs" in r.err and "Traceback" not in r.err and not (tmp_path / "bad").exists()
+
+
 def test_flops_prints_a_fixed_compute_peers_own_macs(cli) -> None:
     r = cli("flops", "--model", "tome_deit_s")
     assert r.code == 0 and "4.60 GMACs" in r.out and "2.706 GMACs per image, 0.588" in r.out

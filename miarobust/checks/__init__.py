@@ -26,7 +26,8 @@ that says what it suggests. The checks, in summary.json under "checks":
    robust accuracy is an upper bound.
 8. ``slowdown_steps``: the slowdown attack, rerun with twice the steps (and a step no smaller than the
    default), does not raise the per-image GMACs significantly (paired test); else the MACs reported under
-   attack understate what an attacker reaches.
+   attack understate what an attacker reaches. A run whose only attack is slowdown skips checks 2-5, which
+   judge attacks on accuracy (ACCURACY_RERUNS).
 
 The paired tests compare, image by image, a rerun's adversarial correctness with the run's on the same images
 (`paired`): the exact McNemar test on the discordant images for 0/1 records (a deterministic model), the paired
@@ -74,7 +75,7 @@ from miarobust.checks.reruns import eot_convergence, large_eps, more_steps, slow
 from miarobust.results import batch_seed
 from miarobust.stats import wilson
 
-__all__ = ["CHANCE_SLACK", "CHECKS", "LARGE_EPS", "LEVEL", "RANDOMNESS_WARNING", "SLOWDOWN", "SQUARE", "SQUARE_GAP",
+__all__ = ["ACCURACY_RERUNS", "CHANCE_SLACK", "CHECKS", "LARGE_EPS", "LEVEL", "RANDOMNESS_WARNING", "SLOWDOWN", "SQUARE", "SQUARE_GAP",
            "AutoAttackRun", "Plan", "autoattack_flags", "eot_convergence", "large_eps", "more_steps", "paired", "plan",
            "randomness", "rerun", "result", "robust_le_clean", "run_checks", "slowdown_steps", "square_vs_white_box"]
 
@@ -97,6 +98,10 @@ class Plan:
 
 CHECKS = ("robust_le_clean", "large_eps", "more_steps", "square_vs_white_box", "eot_convergence", "autoattack_flags",
           "randomness", "slowdown_steps")
+
+
+#: The checks that rerun attacks on accuracy: a run whose only attack is slowdown skips them (check 8 is its own).
+ACCURACY_RERUNS = ("large_eps", "more_steps", "square_vs_white_box", "eot_convergence")
 
 
 def plan(mode: str, n: int) -> Plan:
@@ -189,6 +194,9 @@ def run_checks(cfg: Any, ev: Any, samples: pd.DataFrame, summary: dict[str, Any]
     p = plan("on" if cfg.checks == "auto" and "adaptive" in cfg.attacks else cfg.checks, len(samples))  # the preset: on
     attacked = bool(summary["attacks"])
     skip = result("skip", None, "no attack in this run")
+    slowdown_only = attacked and all(info.name == SLOWDOWN for info in ev.attacks)
+    not_accuracy = result("skip", None, "slowdown-only run: it measures the MACs an attacker reaches, not robust "
+                          "accuracy; check 8 (slowdown_steps) judges its strength")
     reruns: list[AutoAttackRun] = []  # the AutoAttack components the checks run, for autoattack_flags
     run: dict[str, Any] = {
         "robust_le_clean": lambda: robust_le_clean(samples, summary),
@@ -208,6 +216,8 @@ def run_checks(cfg: Any, ev: Any, samples: pd.DataFrame, summary: dict[str, Any]
     for name in tqdm(order, desc="sanity checks", unit="check", disable=not shown):
         if not attacked and name != "autoattack_flags":
             checks[name] = skip
+        elif slowdown_only and name in ACCURACY_RERUNS:
+            checks[name] = not_accuracy
         else:
             log.info("sanity check %s", name)
             checks[name] = run[name]()

@@ -193,6 +193,24 @@ def parse_model_kwargs(text: str) -> dict[str, Any]:
     return out
 
 
+def canonical_model_kwargs(text: str) -> str:
+    """One spelling of model arguments, sorted by name ("r=8,keep_rate=0.7" -> "keep_rate=0.7,r=8"): one folder."""
+    return ",".join(f"{k}={v}" for k, v in sorted(parse_model_kwargs(text).items()))
+
+
+def saved_model_kwargs(path: str | os.PathLike[str], name: str) -> dict[str, Any]:
+    """The model arguments a checkpoint of model `name` was trained with (`miarobust train --model-kwargs`, kept in
+    its safetensors metadata beside the model's name, e.g. ToMe's r=8): the model is built with them unless the
+    caller passes others. {} for other files and for another model's checkpoint (ToMe's weights in the static ViT)."""
+    if Path(path).suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return parse_model_kwargs(meta.get("model_kwargs", "")) if meta.get("model") == name else {}
+
+
 def infer_arch(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The ViT arguments a state dict fixes: in_chans and patch_size (patch_embed.proj.weight (E, C, p, p)),
     img_size (pos_embed's patch tokens, a square grid), num_classes (head.weight); {} for what it lacks."""
@@ -248,14 +266,17 @@ def create(
 
     kwargs go to timm (num_classes, img_size, in_chans, patch_size, gate_mode, ...); None values keep the model's
     defaults. A checkpoint file's own shapes set in_chans, patch_size, img_size and num_classes where kwargs do
-    not (infer_arch): a 1-channel 28x28 patch-4 DeiT-T state dict builds that model.
+    not (infer_arch): a 1-channel 28x28 patch-4 DeiT-T state dict builds that model; the model arguments it was
+    trained with (saved_model_kwargs, e.g. ToMe's r) apply too, unless kwargs set them.
     """
     names = model_names()
     if name not in names:
         raise unknown_name("model", name, names)
     source = resolve_checkpoint(checkpoint) if checkpoint else None
     state = read_state_dict(source) if source else None
-    kwargs = {**(infer_arch(state) if state is not None else {}), **{k: v for k, v in kwargs.items() if v is not None}}
+    saved = saved_model_kwargs(source, name) if source else {}
+    kwargs = {**(infer_arch(state) if state is not None else {}), **saved,
+              **{k: v for k, v in kwargs.items() if v is not None}}
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:

@@ -73,7 +73,7 @@ def train_avit(cfg: TrainConfig) -> None:
 
     teacher, init, device = setup(cfg, "avit_")
     backbone = create(cfg.model, checkpoint=init, pretrained=False, gate_mode="deterministic",
-                      num_classes=cfg.num_classes)
+                      num_classes=cfg.num_classes, **cfg.model_args())
     dims = VitDims.of(backbone)
     target = target_depth(dims, cfg.budget)
     log_prior = log_depth_prior(dims.depth, target).to(device)

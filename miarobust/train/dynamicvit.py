@@ -74,7 +74,8 @@ def train_dynamicvit(cfg: TrainConfig) -> None:
     from miarobust.models import create
 
     teacher, init, device = setup(cfg, "dynamicvit_")
-    backbone = create(cfg.model, checkpoint=init, pretrained=False, gate_mode="gumbel", num_classes=cfg.num_classes)
+    backbone = create(cfg.model, checkpoint=init, pretrained=False, gate_mode="gumbel", num_classes=cfg.num_classes,
+                      **cfg.model_args())
     from miarobust.models.registry import read_state_dict
 
     if "controller.keep_ratio" not in read_state_dict(init):  # a static start: rho from the budget

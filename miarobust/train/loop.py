@@ -59,7 +59,14 @@ class TrainConfig:
     accum_steps: int = 1  # micro-batches of batch_size (per rank) whose gradients make one optimizer step
     workers: int = 0  # DataLoader worker processes (persistent, memory pinned for CUDA): deterministic, but the
     # shuffle and augmentation draws interleave differently than in-process, so not the images order of 0
+    model_kwargs: str = ""  # more timm model arguments (ToMe's r=8), canonical "k=v,..."; saved with the weights
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def model_args(self) -> dict[str, Any]:
+        """model_kwargs as the model's constructor takes them."""
+        from miarobust.models.registry import parse_model_kwargs
+
+        return parse_model_kwargs(self.model_kwargs)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -109,6 +116,12 @@ def plot_curves(frame: pd.DataFrame, path: Path, title: str) -> None:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     write_bytes(path, buf.getvalue())
+
+
+def weights_metadata(cfg: TrainConfig, epoch: int) -> dict[str, str]:
+    """The safetensors metadata of a trained model.safetensors: its epoch, and the model and model arguments it was
+    trained with, which `models.create` builds it with again (registry.saved_model_kwargs)."""
+    return {"epoch": str(epoch), "model": cfg.model, **({"model_kwargs": cfg.model_kwargs} if cfg.model_kwargs else {})}
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -268,7 +281,7 @@ def fit(
         torch.save({"model": weights, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
                     "carried": dict(carried or {}), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})}, buf)
         # one step: a full disk or a kill leaves the weights, the log and the resume state all of the same epoch
-        write_files({out / "model.safetensors": save(weights, metadata={"epoch": str(epoch + 1)}),
+        write_files({out / "model.safetensors": save(weights, metadata=weights_metadata(cfg, epoch + 1)),
                      out / "log.csv": csv_text(frame).encode(), state_file: buf.getvalue()})
         plot_curves(frame, out / "curves.png", f"{cfg.model} on {cfg.data}")
     return pd.DataFrame(rows)

@@ -155,7 +155,8 @@ def train_mia(cfg: TrainConfig) -> None:
 
     teacher, init, device = setup(cfg, "mia_", "adavit_")
     teacher_backbone = teacher.model
-    backbone = create(cfg.model, checkpoint=init, pretrained=False, gate_mode="gumbel", num_classes=cfg.num_classes)
+    backbone = create(cfg.model, checkpoint=init, pretrained=False, gate_mode="gumbel", num_classes=cfg.num_classes,
+                      **cfg.model_args())
     model = Normalized(backbone).to(device)
     dims = VitDims.of(backbone)
     full = float(static_macs(dims))

@@ -26,7 +26,8 @@ def train_static(cfg: TrainConfig) -> None:
 
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    backbone = create(cfg.model, checkpoint=cfg.init, pretrained=False, num_classes=cfg.num_classes)
+    backbone = create(cfg.model, checkpoint=cfg.init, pretrained=False, num_classes=cfg.num_classes,
+                      **cfg.model_args())
     model = Normalized(backbone).to(device)
     geometry = Geometry.of(backbone)
     train_set = load_dataset(cfg.data, geometry, cfg.data_root, "train", augment=cfg.timm_augment)
