@@ -12,7 +12,7 @@ Then `miarobust worst` writes, per model x model arguments x weights x gate mode
 the runs of --out and of the earlier grids (EARLIER) into --worst-out (rewritten whole), and the tables are printed
 from those folders.
 
-    python benchmarks/adaptive_grid.py [--eps 8/255] [--n N] [--batch-size B] [--rows REGEX] [--only-table]
+    python benchmarks/adaptive_grid.py [--eps 1/255,2/255,4/255,8/255] [--n N] [--batch-size B] [--rows REGEX] [--only-table]
         [--out results/adaptive] [--worst-out results/worst]
 """
 
@@ -189,7 +189,8 @@ def print_preset_runs(out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--eps", default="8/255", help="comma-separated, e.g. 1/255,2/255,4/255,8/255")
+    ap.add_argument("--eps", default="1/255,2/255,4/255,8/255", help="comma-separated radii (default: the four of the "
+                    "grid; with --only-table, the tables' columns)")
     ap.add_argument("--n", type=int, default=None, help="images of every cell (default: each row's, see ROWS)")
     ap.add_argument("--batch-size", type=int, default=None, help="images per saved batch (default: miarobust's 100); "
                     "smaller batches save progress more often on slow cells")

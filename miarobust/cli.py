@@ -255,14 +255,15 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
               help="Mixed precision of the training steps (default: bf16 on CUDA, off on the CPU; fp16 needs CUDA).")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None,
               help="Classifier outputs (default: the model's own; a folder with more classes needs it).")
-@click.option("--init", default=None, help="Checkpoint to start from. MIA: a static one (default: the shipped "
-              "vit_fmnist) or an MIA one of the same model, for a further stage.")
+@click.option("--init", default=None, help="Checkpoint to start from. Adaptive models and peers: a static one "
+              "(default: the shipped weights of the backbone, e.g. vit_fmnist) or one of the same model, for a further stage.")
 @click.option("--teacher", default=None, help="Adaptive models: static checkpoint distilled from (default: --init if static, "
               "else the shipped one).")
 @click.option("--kd-weight", type=Finite(min=0), default=1.0, show_default=True,
               help="Adaptive models: weight of the logits distillation loss.")
 @click.option("--budget", type=Finite(0.05, 1.0), default=None,
-              help="Adaptive models (mia_, adavit_, dynamicvit_, avit_): target share of the static model's cost (MACs, or batch-1 time with --cost latency).")
+              help="Adaptive models (mia_, adavit_, dynamicvit_, avit_): target share of the static model's cost (MACs, or "
+              "batch-1 time with --cost latency); ToMe and EViT (tome_, evit_): chooses the r or keep rate nearest it.")
 @click.option("--cost", type=click.Choice(["macs", "latency"]), default="macs", show_default=True,
               help="MIA: what the budget and the reward count: MACs, or the batch-1 time predicted by a latency "
               "table measured on --device when the run starts (latency-aware controller).")
@@ -275,8 +276,9 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
 def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None, budget: float | None, cost: str,
               latency_table: str | None, rl_weight: float, flops_lambda: float, teacher: str | None, kd_weight: float,
               **kw: Any) -> None:
-    """Train a static ViT, MIA-Former's controller and backbone (hybrid SL + RL), or DynamicViT's token scorers
-    and backbone, from a trained static ViT."""
+    """Train a static ViT; or, from a trained static ViT, MIA-Former's controller and backbone (hybrid SL + RL) or a
+    dynamic-ViT peer (AdaViT's decisions, DynamicViT's token scorers, A-ViT's halting), or fine-tune ToMe or EViT
+    with their token reduction on."""
     from miarobust.evaluator import resolve_device
     from miarobust.models.registry import canonical_model_kwargs, parse_model_kwargs
     from miarobust.train.loop import TrainConfig, resolve_amp
@@ -286,30 +288,28 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
     if {"gate_mode", "num_classes"} & set(parse_model_kwargs(kw["model_kwargs"])):
         raise UserError("--model-kwargs cannot set gate_mode (training chooses the decisions it trains through) or "
                         "num_classes (use --num-classes).")
-    if model.startswith(("tome_", "evit_")) and kw["init"] is None:
-        raise UserError(f"{model} runs on a static model's weights as they are (`miarobust run --model {model}`); to "
-                        f"fine-tune it with its mechanism on, pass the weights to start from: --init "
-                        f"{model.split('_', 1)[1]} (a shipped or timm-format static checkpoint).")
     if model.startswith("adavit_") and rl_weight:
         click.echo("AdaViT trains without MIA-Former's reinforcement-learning half: --rl-weight 0", err=True)
         rl_weight = 0.0
     mia, dynamic = model.startswith(("mia_", "adavit_")), model.startswith(("dynamicvit_", "avit_"))
+    fixed = model.startswith(("tome_", "evit_"))  # fine-tuned with their token reduction on, no decision to learn
     if (mia or dynamic) and budget is None:
         raise UserError(f"{model} training needs --budget, the target share of the static model's cost (MACs, or "
                         "batch-1 time with --cost latency for MIA-Former), e.g. 0.7.")
-    if not (mia or dynamic) and (budget is not None or teacher is not None):
-        raise UserError("--budget and --teacher apply to the adaptive models (mia_*, adavit_*, dynamicvit_*, avit_*) only.")
+    if not (mia or dynamic or fixed) and (budget is not None or teacher is not None):
+        raise UserError("--budget and --teacher apply to the adaptive models and the token-reduction peers (mia_*, "
+                        "adavit_*, dynamicvit_*, avit_*, tome_*, evit_*) only.")
     if not mia and (cost != "macs" or latency_table is not None):
         raise UserError("--cost and --latency-table apply to MIA-Former models (mia_*) only.")
     if latency_table is not None and cost != "latency":
         raise UserError("--latency-table is the table of --cost latency: add --cost latency, or leave it out.")
-    adaptive = mia or dynamic
+    adaptive = mia or dynamic or fixed
     variant = "".join(f"-{part.replace('=', '')}" for part in kw["model_kwargs"].split(",") if part)  # -r8
-    out = out or (f"runs/{model}{variant}-{'lat' if cost == 'latency' else 'b'}{budget:g}" if adaptive else
+    out = out or (f"runs/{model}{variant}-{'lat' if cost == 'latency' else 'b'}{budget:g}" if budget is not None else
                   f"runs/{model}{variant}")
     extra = ({"rl_weight": rl_weight, "flops_lambda": flops_lambda, "kd_weight": kd_weight, "teacher": teacher,
               "cost": cost, "latency_table": latency_table} if mia else
-             {"kd_weight": kd_weight, "teacher": teacher} if dynamic else {})
+             {"kd_weight": kd_weight, "teacher": teacher} if dynamic or fixed else {})
     cfg = TrainConfig(model=model, out=out, epochs=epochs or (4 if adaptive else 12), lr=lr or (5e-4 if adaptive else 1e-3),
                       budget=budget, extra=extra, **kw)
     from miarobust.distributed import distributed_context
@@ -334,6 +334,10 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
                 from miarobust.train.dynamicvit import train_dynamicvit
 
                 train_dynamicvit(cfg)
+            elif fixed:
+                from miarobust.train.fixed import train_fixed
+
+                train_fixed(cfg)
             else:
                 from miarobust.train.static import train_static
 

@@ -282,11 +282,24 @@ def test_avit_trains_its_halting_toward_the_budgets_depth(cli, tmp_path) -> None
 
 
 def test_training_refuses_what_a_family_does_not_train(cli, tmp_path) -> None:
-    r = cli("train", "--model", "tome_vit_fmnist", "--data", "synthetic", "--out", str(tmp_path / "t"))
-    assert r.code == 2 and "--init vit_fmnist" in r.err and not (tmp_path / "t").exists()
-    r = cli("train", "--model", "evit_vit_fmnist", "--init", "vit_fmnist", "--data", "synthetic", "--epochs", "1",
+    import pandas as pd
+
+    r = cli("train", "--model", "tome_vit_fmnist", "--budget", "0.5", "--model-kwargs", "r=4", "--data", "synthetic",
+            "--out", str(tmp_path / "t"))
+    assert r.code == 2 and "pass one of them" in r.err and not (tmp_path / "t").exists()
+    r = cli("train", "--model", "evit_vit_fmnist", "--budget", "0.5", "--data", "synthetic", "--epochs", "1",
             "--batch-size", "64", "--out", str(tmp_path / "evit"))  # fine-tuning with the mechanism on
     assert r.code == 0, r.err
+    from safetensors import safe_open
+
+    from miarobust.train.fixed import strength_for
+
+    rate = strength_for(timm.create_model("evit_vit_fmnist"), "evit_", 0.5)  # the keep rate nearest half the MACs
+    with safe_open(str(tmp_path / "evit" / "model.safetensors"), "pt") as f:
+        assert f.metadata()["model_kwargs"] == f"keep_rate={rate}" and rate < 0.7
+    log = pd.read_csv(tmp_path / "evit" / "log.csv")
+    assert log["flops_ratio"].iloc[-1] == pytest.approx(0.5, abs=0.03) and log["keep_rate"].iloc[-1] == rate
+    assert {"kd", "test_acc", "train_seconds"} <= set(log.columns)
     r = cli("run", "--model", "evit_vit_fmnist", "--checkpoint", str(tmp_path / "evit" / "model.safetensors"),
             "--data", "synthetic", "--n", "4", "--attack", "none", "--checks", "off", "--out", str(tmp_path / "runs"))
     assert r.code == 0, r.err

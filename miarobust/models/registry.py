@@ -193,9 +193,14 @@ def parse_model_kwargs(text: str) -> dict[str, Any]:
     return out
 
 
+def format_model_kwargs(kwargs: dict[str, Any]) -> str:
+    """Model arguments as --model-kwargs takes them, sorted by name: {"r": 8} -> "r=8"."""
+    return ",".join(f"{k}={v}" for k, v in sorted(kwargs.items()))
+
+
 def canonical_model_kwargs(text: str) -> str:
     """One spelling of model arguments, sorted by name ("r=8,keep_rate=0.7" -> "keep_rate=0.7,r=8"): one folder."""
-    return ",".join(f"{k}={v}" for k, v in sorted(parse_model_kwargs(text).items()))
+    return format_model_kwargs(parse_model_kwargs(text))
 
 
 def saved_model_kwargs(path: str | os.PathLike[str], name: str) -> dict[str, Any]:
