@@ -6,8 +6,9 @@ Cells, each one `miarobust run ... --attack adaptive --checks on` (resumable; re
   static `vit_fmnist`; `mia_vit_fmnist` with the weights `mia_vit_fmnist_b07` and with its default weights
   (`mia_vit_fmnist_lat076`), deterministic gates and stochastic gates (10 draws per image, EOT K chosen by
   the preset's convergence probe); `mia_vit_fmnist_b05` and the peers AdaViT, A-ViT, DynamicViT (their default
-  weights) and ToMe (r = 8, training-free), deterministic decisions through straight-through where the mechanism
-  has them; each on the first images of the embedded set (ROWS says how many).
+  weights), ToMe (r = 8, training-free) and ToMe fine-tuned at r = 8 (`tome_vit_fmnist_b05`), deterministic
+  decisions through straight-through where the mechanism has them; each on the first images of the embedded set
+  (ROWS says how many).
 Then `miarobust worst` writes, per model x model arguments x weights x gate mode x eps, each image's worst case over
 the runs of --out and of the earlier grids (EARLIER) into --worst-out (rewritten whole), and the tables are printed
 from those folders.
@@ -76,6 +77,8 @@ ROWS = [
         ["--model", "dynamicvit_vit_fmnist", "--gate-mode", "deterministic"], 50),
     Row("ToMe r = 8", "tome_vit_fmnist", "vit_fmnist", "deterministic",
         ["--model", "tome_vit_fmnist", "--model-kwargs", "r=8"], 50, "r=8"),
+    Row("ToMe b05 (fine-tuned, r = 8)", "tome_vit_fmnist", "tome_vit_fmnist_b05", "deterministic",
+        ["--model", "tome_vit_fmnist", "--checkpoint", "tome_vit_fmnist_b05"], 50),
 ]
 #: (row a, row b): is a more robust than b on the same images? The gated models against the static one and their
 #: stochastic gates against their deterministic ones; each peer against the static model and against the
@@ -97,6 +100,8 @@ PAIRS = [
     ("DynamicViT b05", "b05, deterministic gates"),
     ("ToMe r = 8", "vit_fmnist (static)"),
     ("ToMe r = 8", "b05, deterministic gates"),
+    ("ToMe b05 (fine-tuned, r = 8)", "vit_fmnist (static)"),
+    ("ToMe b05 (fine-tuned, r = 8)", "b05, deterministic gates"),
 ]
 
 

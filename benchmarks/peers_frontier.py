@@ -34,6 +34,11 @@ ROWS = [
     ("DynamicViT, MACs budget 0.65", ["--model", "dynamicvit_vit_fmnist", "--checkpoint", "dynamicvit_vit_fmnist_b065"]),
     ("A-ViT, MACs budget 0.65", ["--model", "avit_vit_fmnist", "--checkpoint", "avit_vit_fmnist_b065"]),
     ("AdaViT, MACs budget 0.65", ["--model", "adavit_vit_fmnist", "--checkpoint", "adavit_vit_fmnist_b065"]),
+    # ToMe and EViT fine-tuned with their reduction on (the r / keep rate nearest the budget, saved with the weights):
+    ("ToMe fine-tuned, MACs budget 0.5", ["--model", "tome_vit_fmnist", "--checkpoint", "tome_vit_fmnist_b05"]),
+    ("ToMe fine-tuned, MACs budget 0.65", ["--model", "tome_vit_fmnist", "--checkpoint", "tome_vit_fmnist_b065"]),
+    ("EViT fine-tuned, MACs budget 0.5", ["--model", "evit_vit_fmnist", "--checkpoint", "evit_vit_fmnist_b05"]),
+    ("EViT fine-tuned, MACs budget 0.65", ["--model", "evit_vit_fmnist", "--checkpoint", "evit_vit_fmnist_b065"]),
 ]
 
 
@@ -65,6 +70,11 @@ PAIRS = [
     ("A-ViT, MACs budget 0.65", "MIA-Former, latency budget 0.76 (default)"),
     ("AdaViT, MACs budget 0.65", "MIA-Former, latency budget 0.76 (default)"),
     ("AdaViT, MACs budget 0.65", "MIA-Former, MACs budget 0.7 (b07)"),
+    ("ToMe fine-tuned, MACs budget 0.5", "MIA-Former, MACs budget 0.5 (b05)"),
+    ("ToMe fine-tuned, MACs budget 0.65", "MIA-Former, latency budget 0.76 (default)"),
+    ("ToMe fine-tuned, MACs budget 0.5", "ToMe r = 8 (training-free)"),
+    ("EViT fine-tuned, MACs budget 0.5", "MIA-Former, MACs budget 0.5 (b05)"),
+    ("EViT fine-tuned, MACs budget 0.65", "MIA-Former, latency budget 0.76 (default)"),
 ]
 
 

@@ -403,14 +403,14 @@ def test_every_family_refuses_what_it_cannot_honour_in_its_own_name(peer: str, n
 def _shipped_peers() -> list[str]:
     from miarobust.models.vit import shipped_names
 
-    return sorted(n for n in shipped_names() if n.startswith(("dynamicvit_", "avit_", "adavit_")))
+    return sorted(n for n in shipped_names() if n.startswith(("dynamicvit_", "avit_", "adavit_", "tome_", "evit_")))
 
 
 @pytest.mark.parametrize("name", _shipped_peers())
 def test_every_shipped_peer_checkpoint_runs_pgd_near_its_budget(cli, tmp_path, name) -> None:
     """Each trained peer's shipped weights (`<family>_b05`, `_b065`: MACs budget 0.5, 0.65) run PGD by name, and
     their deterministic MACs on 8 images stay near the budget they were trained for (A-ViT's halting overshoots
-    by up to 0.06 of the static MACs, see RESULTS)."""
+    by up to 0.06 of the static MACs, see RESULTS; ToMe's and EViT's r and keep rate come from the weights)."""
     family, digits = name.rsplit("_b", 1)
     budget = float("0." + digits[1:])
     r = cli("run", "--model", family, "--checkpoint", name, "--attack", "pgd", "--eps", "8/255", "--n", "8",
