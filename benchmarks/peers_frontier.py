@@ -109,19 +109,28 @@ def print_pairs(out: Path) -> None:
               f"{100 * (ma / mb - 1):+.0f}% | {p:.2g} | {padj:.2g} |")
 
 
-def find(out: Path, argv: list[str], folder: bool = False) -> Any:
-    """summary.json of the row's run in `out`, matched on model, checkpoint and model arguments (with its folder:
-    (summary, folder)); None when the row has not run."""
+def find_all(out: Path, argv: list[str]) -> list[tuple[dict, Path]]:
+    """(summary.json, folder) of each of the row's runs in `out`, matched on model, checkpoint and model arguments,
+    in folder order."""
     model = argv[argv.index("--model") + 1]
     ckpt = argv[argv.index("--checkpoint") + 1] if "--checkpoint" in argv else None
     kwargs = argv[argv.index("--model-kwargs") + 1] if "--model-kwargs" in argv else ""
+    found = []
     for path in sorted(out.glob("*/summary.json")):
         c = json.loads((path.parent / "config.json").read_text())
         asked = (c.get("requested") or {}).get("checkpoint", c.get("checkpoint"))
         if c["model"] == model and c.get("model_kwargs", "") == kwargs and (asked or None) == ckpt:
-            summary = json.loads(path.read_text())
-            return (summary, path.parent) if folder else summary
-    return None
+            found.append((json.loads(path.read_text()), path.parent))
+    return found
+
+
+def find(out: Path, argv: list[str], folder: bool = False) -> Any:
+    """summary.json of the row's (first) run in `out` (with its folder: (summary, folder)); None when the row has
+    not run."""
+    found = find_all(out, argv)
+    if not found:
+        return None
+    return found[0] if folder else found[0][0]
 
 
 def main() -> None:
