@@ -223,15 +223,16 @@ def test_report_into_a_folder_that_cannot_be_made_is_a_user_error(cli, runs_root
 
 
 def test_variants_of_a_model_are_told_apart_and_runs_without_attack_have_no_robust_point() -> None:
-    """The committed peers runs: ToMe at r = 6 and r = 8 are two series (their --model-kwargs in the weights label),
-    and a run without attack gives one clean point, no robust one."""
+    """The committed peers runs: ToMe at r = 6 and r = 8 on the static weights are two series (their --model-kwargs
+    in the weights label), apart from the fine-tuned checkpoints; a run without attack gives one clean point, no
+    robust one."""
     from pathlib import Path
 
     root = Path(__file__).parents[1] / "results" / "peers"
     runs, _ = load_runs(root)
     table = tidy(runs)
     tome = sorted(table.loc[table["model"] == "tome_vit_fmnist", "weights"])
-    assert tome == ["vit_fmnist, r=6", "vit_fmnist, r=8"]
+    assert tome == ["tome_vit_fmnist_b05", "tome_vit_fmnist_b065", "vit_fmnist, r=6", "vit_fmnist, r=8"]
     assert set(table["attack"]) == {"none"}
     from miarobust.report.plots import plot_accuracy_vs_gmacs
 
