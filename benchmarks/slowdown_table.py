@@ -85,11 +85,13 @@ def main() -> None:
           "top-1 % under slowdown | checks (most steps) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, argv in ROWS:
-        runs = sorted(find_all(Path(args.out), argv), key=lambda r: json.loads((r[1] / "config.json").read_text())["steps"])
-        if not runs:
+        found = sorted(((json.loads((f / "config.json").read_text())["steps"], s, f)
+                        for s, f in find_all(Path(args.out), argv)), key=lambda t: t[0])
+        if not found:
             print(f"| {name} | not run | | | | | | | | | |")
             continue
-        steps = ", ".join(str(json.loads((f / "config.json").read_text())["steps"]) for _, f in runs)
+        runs = [(s, f) for _, s, f in found]
+        steps = ", ".join(str(k) for k, _, _ in found)
         s = runs[-1][0]
         static = s["gmacs"]["static"]
         d = worst_case(runs)

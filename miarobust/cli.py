@@ -256,7 +256,8 @@ def flops_cmd(model: str, img_size: int | None, num_classes: int | None) -> None
 @click.option("--num-classes", type=click.IntRange(min=1), default=None,
               help="Classifier outputs (default: the model's own; a folder with more classes needs it).")
 @click.option("--init", default=None, help="Checkpoint to start from. Adaptive models and peers: a static one "
-              "(default: the shipped weights of the backbone, e.g. vit_fmnist) or one of the same model, for a further stage.")
+              "(default: the shipped weights of the backbone, e.g. vit_fmnist) or one of the same model, for a "
+              "further stage.")
 @click.option("--teacher", default=None, help="Adaptive models: static checkpoint distilled from (default: --init if static, "
               "else the shipped one).")
 @click.option("--kd-weight", type=Finite(min=0), default=1.0, show_default=True,
@@ -280,12 +281,13 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
     dynamic-ViT peer (AdaViT's decisions, DynamicViT's token scorers, A-ViT's halting), or fine-tune ToMe or EViT
     with their token reduction on."""
     from miarobust.evaluator import resolve_device
-    from miarobust.models.registry import canonical_model_kwargs, parse_model_kwargs
+    from miarobust.models.registry import format_model_kwargs, parse_model_kwargs
     from miarobust.train.loop import TrainConfig, resolve_amp
 
     kw["amp"] = resolve_amp(kw["amp"], resolve_device(kw["device"]))
-    kw["model_kwargs"] = canonical_model_kwargs(kw["model_kwargs"])
-    if {"gate_mode", "num_classes"} & set(parse_model_kwargs(kw["model_kwargs"])):
+    model_args = parse_model_kwargs(kw["model_kwargs"])
+    kw["model_kwargs"] = format_model_kwargs(model_args)  # one spelling
+    if {"gate_mode", "num_classes"} & set(model_args):
         raise UserError("--model-kwargs cannot set gate_mode (training chooses the decisions it trains through) or "
                         "num_classes (use --num-classes).")
     if model.startswith("adavit_") and rl_weight:
@@ -304,7 +306,7 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
     if latency_table is not None and cost != "latency":
         raise UserError("--latency-table is the table of --cost latency: add --cost latency, or leave it out.")
     adaptive = mia or dynamic or fixed
-    variant = "".join(f"-{part.replace('=', '')}" for part in kw["model_kwargs"].split(",") if part)  # -r8
+    variant = "".join(f"-{k}{v}" for k, v in sorted(model_args.items()))  # -r8
     out = out or (f"runs/{model}{variant}-{'lat' if cost == 'latency' else 'b'}{budget:g}" if budget is not None else
                   f"runs/{model}{variant}")
     extra = ({"rl_weight": rl_weight, "flops_lambda": flops_lambda, "kd_weight": kd_weight, "teacher": teacher,

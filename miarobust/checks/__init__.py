@@ -75,8 +75,8 @@ from miarobust.checks.reruns import eot_convergence, large_eps, more_steps, slow
 from miarobust.results import batch_seed
 from miarobust.stats import wilson
 
-__all__ = ["ACCURACY_RERUNS", "CHANCE_SLACK", "CHECKS", "LARGE_EPS", "LEVEL", "RANDOMNESS_WARNING", "SLOWDOWN", "SQUARE", "SQUARE_GAP",
-           "AutoAttackRun", "Plan", "autoattack_flags", "eot_convergence", "large_eps", "more_steps", "paired", "plan",
+__all__ = ["ACCURACY_RERUNS", "CHANCE_SLACK", "CHECKS", "LARGE_EPS", "LEVEL", "RANDOMNESS_WARNING", "SLOWDOWN", "SQUARE",
+           "SQUARE_GAP", "AutoAttackRun", "Plan", "autoattack_flags", "eot_convergence", "large_eps", "more_steps", "paired", "plan",
            "randomness", "rerun", "result", "robust_le_clean", "run_checks", "slowdown_steps", "square_vs_white_box"]
 
 log = logging.getLogger(__name__)

@@ -37,9 +37,10 @@ STRENGTH = {"tome_": ("r", lambda model: range(0, VitDims.of(model).tokens)),
 def strength_for(model: torch.nn.Module, prefix: str, budget: float) -> int | float:
     """ToMe's r or EViT's keep rate whose MACs share of the static model is closest to `budget` (ties: the
     weaker reduction, which keeps more tokens)."""
-    name, values = STRENGTH[prefix]
+    _, values = STRENGTH[prefix]
     full = static_macs(VitDims.of(model))
-    return min(values(model), key=lambda v: (abs(model.macs_per_image(v) / full - budget), -model.macs_per_image(v)))
+    macs = {v: model.macs_per_image(v) for v in values(model)}
+    return min(macs, key=lambda v: (abs(macs[v] / full - budget), -macs[v]))
 
 
 def train_fixed(cfg: TrainConfig) -> None:
