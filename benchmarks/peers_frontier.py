@@ -78,15 +78,17 @@ PAIRS = [
 ]
 
 
-def print_pairs(out: Path) -> None:
-    """Accuracy differences paired on the same images: discordant counts, exact McNemar (two-sided), Holm-adjusted."""
+def print_pairs(out: Path, rows_argv: list[tuple[str, list[str]]] | None = None,
+                pairs: list[tuple[str, str]] | None = None) -> None:
+    """Accuracy differences paired on the same images: discordant counts, exact McNemar (two-sided), Holm-adjusted
+    over `pairs` (default PAIRS) of the rows `rows_argv` (default ROWS) run into `out`."""
     import pandas as pd
 
     from miarobust.stats import holm, paired_drop_p
 
-    argv = dict(ROWS)
+    argv = dict(rows_argv or ROWS)
     rows = []
-    for a, b in PAIRS:
+    for a, b in pairs or PAIRS:
         found = [find(out, argv[name], folder=True) for name in (a, b)]
         if None in found:
             continue
@@ -133,16 +135,22 @@ def find(out: Path, argv: list[str], folder: bool = False) -> Any:
     return found[0] if folder else found[0][0]
 
 
+def run_rows(rows: list[tuple[str, list[str]]], out: str) -> None:
+    """One `miarobust run --attack none` per row whose weights exist (each resumes or returns its finished run)."""
+    for _, argv in rows:
+        if available(argv):
+            cmd = command(argv, out)
+            print("$ miarobust", shlex.join(cmd), flush=True)
+            subprocess.run([sys.executable, "-m", "miarobust", *cmd], check=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="results/peers")
     ap.add_argument("--only-table", action="store_true", help="run nothing, read the runs")
     args = ap.parse_args()
-    for _, argv in ROWS:
-        if not args.only_table and available(argv):
-            cmd = command(argv, args.out)
-            print("$ miarobust", shlex.join(cmd), flush=True)
-            subprocess.run([sys.executable, "-m", "miarobust", *cmd], check=True)
+    if not args.only_table:
+        run_rows(ROWS, args.out)
     print("\n| model | top-1 % (95% CI) | mean GMACs | share of static | GMACs p5 / p50 / p95 |")
     print("|---|---|---|---|---|")
     for name, argv in ROWS:
