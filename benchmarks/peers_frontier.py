@@ -135,6 +135,12 @@ def find(out: Path, argv: list[str], folder: bool = False) -> Any:
     return found[0] if folder else found[0][0]
 
 
+def top1(summary: dict) -> str:
+    """A run's clean top-1 % with its 95% interval, as the tables print it."""
+    c = summary["clean"]
+    return f"{100 * c['acc']:.2f} [{100 * c['ci95'][0]:.2f}, {100 * c['ci95'][1]:.2f}]"
+
+
 def run_rows(rows: list[tuple[str, list[str]]], out: str) -> None:
     """One `miarobust run --attack none` per row whose weights exist (each resumes or returns its finished run)."""
     for _, argv in rows:
@@ -158,9 +164,8 @@ def main() -> None:
         if s is None:
             print(f"| {name} | not run ({'no weights yet' if not available(argv) else 'run this script'}) | | | |")
             continue
-        c, g = s["clean"], s["gmacs"]
-        print(f"| {name} | {100 * c['acc']:.2f} [{100 * c['ci95'][0]:.2f}, {100 * c['ci95'][1]:.2f}] | "
-              f"{g['clean_mean']:.5f} | {g['clean_share_of_static']:.3f} | "
+        g = s["gmacs"]
+        print(f"| {name} | {top1(s)} | {g['clean_mean']:.5f} | {g['clean_share_of_static']:.3f} | "
               f"{g['clean_p5']:.5f} / {g['clean_p50']:.5f} / {g['clean_p95']:.5f} |")
     print_pairs(Path(args.out))
 
