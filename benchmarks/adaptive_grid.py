@@ -10,8 +10,8 @@ Cells, each one `miarobust run ... --attack adaptive --checks on` (resumable; re
   decisions through straight-through where the mechanism has them; each on the first images of the embedded set
   (ROWS says how many).
 Then `miarobust worst` writes, per model x model arguments x weights x gate mode x eps, each image's worst case over
-the runs of --out and of the earlier grids (EARLIER) into --worst-out (rewritten whole), and the tables are printed
-from those folders.
+the runs of --out and of the earlier grids (EARLIER) into --worst-out (a folder whose result is unchanged is kept
+as it is, stale ones are removed), and the tables are printed from those folders.
 
     python benchmarks/adaptive_grid.py [--eps 1/255,2/255,4/255,8/255] [--n N] [--batch-size B] [--rows REGEX] [--only-table]
         [--out results/adaptive] [--worst-out results/worst]
@@ -136,14 +136,15 @@ def worst_folders(root: Path) -> dict[tuple[str, str, str, str | None, float], P
 
 
 def rewrite_worst(sources: list[str], out: Path) -> dict:
-    """Each image's worst case over every run below `sources`, written afresh into `out` (its earlier worst-case
-    folders removed first, so none of another revision's runs lingers); the folders by worst_folders' key."""
+    """Each image's worst case over every run below `sources`, written into `out`: a folder whose result did not
+    change is left as it is, and every other worst-case folder in `out` is removed (none of a run that is gone or
+    has been joined by another lingers); the folders by worst_folders' key."""
     from miarobust.worst import KIND, worst_case
 
-    for old in out.glob("*/config.json") if out.is_dir() else []:
-        if json.loads(old.read_text()).get("kind") == KIND:
+    written = {r.folder.resolve() for r in worst_case([p for p in sources if Path(p).is_dir()], out)}
+    for old in out.glob("*/config.json"):
+        if json.loads(old.read_text()).get("kind") == KIND and old.parent.resolve() not in written:
             shutil.rmtree(old.parent)
-    worst_case([p for p in sources if Path(p).is_dir()], out)
     return worst_folders(out)
 
 

@@ -17,6 +17,7 @@ gives a headline on 200 images and a separate figure on 1,000.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -29,7 +30,17 @@ from typing import Any
 import pandas as pd
 
 from miarobust.errors import UserError
-from miarobust.results import CONFIG, SAMPLES, SUMMARY, git_revision, run_id, write_csv, write_json
+from miarobust.results import (
+    CONFIG,
+    SAMPLES,
+    SUMMARY,
+    csv_text,
+    git_revision,
+    json_bytes,
+    run_id,
+    write_json,
+    write_text,
+)
 from miarobust.results.read import Run, find_run_folders, load_runs
 from miarobust.stats import wilson
 
@@ -352,10 +363,30 @@ def worst_case(paths: str | Path | list[str | Path], out: str | Path) -> list[Wo
     for members, names, folders, frame in planned:
         folder = out / folder_name(members)
         config = make_config(members, names, folders)
-        write_json(folder / CONFIG, config)
-        write_csv(folder / SAMPLES, frame)
-        samples = pd.read_csv(folder / SAMPLES)  # summarise what is on disk, so summary == f(samples.csv)
+        text = csv_text(frame)
+        samples = pd.read_csv(io.StringIO(text))  # what samples.csv will hold, so summary == f(samples.csv)
         summary = {**summarize(members, names, folders, samples), "folder": folder.name}
+        kept = _same_folder(folder, config, text, summary)
+        if kept is not None:  # the same result already on disk: keep it, with the environment that wrote it
+            results.append(WorstResult(folder, kept, summary))
+            continue
+        write_json(folder / CONFIG, config)
+        write_text(folder / SAMPLES, text)
         write_json(folder / SUMMARY, summary)  # last: a folder with summary.json is finished
         results.append(WorstResult(folder, config, summary))
     return results
+
+
+def _same_folder(folder: Path, config: dict[str, Any], samples: str, summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The config.json of a finished folder that holds this very result (the same samples.csv and summary.json,
+    the same config.json but for its `environment`), else None. Rerunning `worst` after a commit that changed no
+    source run then rewrites nothing, and a folder's git revision stays the one that first wrote the result."""
+    try:
+        if (folder / SAMPLES).read_text() != samples or (folder / SUMMARY).read_bytes() != json_bytes(summary):
+            return None
+        old = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    new = json.loads(json_bytes(config))
+    same = {k: v for k, v in old.items() if k != "environment"} == {k: v for k, v in new.items() if k != "environment"}
+    return old if same else None

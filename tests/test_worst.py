@@ -235,6 +235,23 @@ def test_a_worst_case_folder_below_the_input_is_not_combined_again(tmp_path):
     assert again.folder == first.folder and {p: p.read_bytes() for p in again.folder.iterdir()} == before
 
 
+def test_an_unchanged_result_keeps_its_folder_and_a_changed_one_is_rewritten(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    plant(runs / "a", "eot-pgd", [1, .5], [1, 1], eot=4)
+    (first,) = worst_case([runs], tmp_path / "out")
+    before = {p: p.read_bytes() for p in first.folder.iterdir()}
+    monkeypatch.setattr("miarobust.worst.git_revision", lambda: "another-revision")
+    (again,) = worst_case([runs], tmp_path / "out")  # another commit, the same sources: nothing is rewritten
+    assert {p: p.read_bytes() for p in again.folder.iterdir()} == before
+    assert again.config["environment"]["git_revision"] == first.config["environment"]["git_revision"]
+    samples = again.folder / "samples.csv"
+    samples.write_text(samples.read_text().replace("0.5", "0.25"))  # a result that differs from its sources'
+    (mended,) = worst_case([runs], tmp_path / "out")
+    assert samples.read_bytes() == before[samples]
+    assert mended.config["environment"]["git_revision"] == "another-revision"
+    assert json.loads((mended.folder / "config.json").read_text()) == mended.config
+
+
 def test_runs_that_disagree_on_a_label_are_a_user_error(tmp_path):
     runs = tmp_path / "runs"
     plant(runs / "a", "eot-pgd", [1, .5], [1, 1], eot=4, labels=[3, 4])
