@@ -8,13 +8,14 @@ Cells, each one `miarobust run ... --attack adaptive --checks on` (resumable; re
   the preset's convergence probe); `mia_vit_fmnist_b05` and the peers AdaViT, A-ViT, DynamicViT (their default
   weights), ToMe (r = 8, training-free) and ToMe fine-tuned at r = 8 (`tome_vit_fmnist_b05`), deterministic
   decisions through straight-through where the mechanism has them; each on the first images of the embedded set
-  (ROWS says how many).
+  (ROWS says how many). With --transfer, each gated row's cell is instead the transfer attack from the static
+  `vit_fmnist` (TRANSFER_OUT).
 Then `miarobust worst` writes, per model x model arguments x weights x gate mode x eps, each image's worst case over
-the runs of --out and of the earlier grids (EARLIER) into --worst-out (a folder whose result is unchanged is kept
-as it is, stale ones are removed), and the tables are printed from those folders.
+the runs of --out, of the transfer runs and of the earlier grids (EARLIER) into --worst-out (a folder whose result
+is unchanged is kept as it is, stale ones are removed), and the tables are printed from those folders.
 
-    python benchmarks/adaptive_grid.py [--eps 1/255,2/255,4/255,8/255] [--n N] [--batch-size B] [--rows REGEX] [--only-table]
-        [--out results/adaptive] [--worst-out results/worst]
+    python benchmarks/adaptive_grid.py [--eps 1/255,2/255,4/255,8/255] [--n N] [--batch-size B] [--rows REGEX]
+        [--only-table | --transfer] [--out results/adaptive] [--worst-out results/worst]
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ LAT = ["--model", "mia_vit_fmnist"]  # its default weights, mia_vit_fmnist_lat07
 B05 = ["--model", "mia_vit_fmnist", "--checkpoint", "mia_vit_fmnist_b05"]
 #: Folders of earlier runs that join each image's worst case (runs of other weights or models are never combined).
 EARLIER = ["results/grid", "results/grid-lat076"]
+#: --transfer: PGD on the static `vit_fmnist` (every peer and gated model here is trained from it), evaluated on each
+#: gated row, on the first TRANSFER_N images (no preset cell covers more), with the checks off: it never sees the
+#: target, so it can only lower a worst case, and the checks that judge the target's attacks (Square and APGD rerun
+#: on it) ran on the same images in the preset's run.
+TRANSFER_OUT = "results/transfer"
+TRANSFER_N = 200
 
 
 class Row(NamedTuple):
@@ -110,6 +117,12 @@ def cell(argv: list[str], eps: str, n: int, out: str, batch_size: int | None = N
     batch = ["--batch-size", str(batch_size)] if batch_size else []
     return ["run", *argv, "--attack", "adaptive", "--eps", eps, "--n", str(n), *batch, "--data", "embedded",
             "--checks", "on", "--out", out]
+
+
+def transfer_cell(argv: list[str], eps: str) -> list[str]:
+    """`miarobust run` arguments of one --transfer cell."""
+    return ["run", *argv, "--attack", "transfer", "--surrogate", "vit_fmnist", "--eps", eps, "--n", str(TRANSFER_N),
+            "--data", "embedded", "--checks", "off", "--out", TRANSFER_OUT]
 
 
 def weights_sha256(name: str) -> str:
@@ -205,18 +218,24 @@ def main() -> None:
     ap.add_argument("--rows", default=None, help="regular expression: run only the matching rows (several processes "
                     "can share the grid); the tables show them all")
     ap.add_argument("--only-table", action="store_true", help="run nothing, read the runs")
+    ap.add_argument("--transfer", action="store_true", help=f"run, instead of the preset, the transfer attack from the "
+                    f"static vit_fmnist on every gated row into {TRANSFER_OUT} (first {TRANSFER_N} images, checks off)")
     args = ap.parse_args()
     eps_list = args.eps.split(",")
     if not args.only_table:
         for eps in eps_list:
             for row in ROWS:
+                if args.transfer and row.gate is None:  # the surrogate itself: white-box PGD-10, nothing to transfer
+                    continue
                 if args.rows is None or re.search(args.rows, row.name):
-                    cmd = cell(row.argv, eps, args.n or row.n, args.out, args.batch_size)
+                    cmd = (transfer_cell(row.argv, eps) if args.transfer
+                           else cell(row.argv, eps, args.n or row.n, args.out, args.batch_size))
                     print("$ miarobust", shlex.join(cmd), flush=True)
                     subprocess.run([sys.executable, "-m", "miarobust", *cmd], check=True)
-    folders = rewrite_worst([args.out, *EARLIER], Path(args.worst_out))
+    sources = [args.out, TRANSFER_OUT, *EARLIER]
+    folders = rewrite_worst(sources, Path(args.worst_out))
     table: dict[str, dict[str, pd.DataFrame]] = {}
-    print(f"\nEach image's worst case over every run on it ({', '.join([args.out, *EARLIER])}), on the images all "
+    print(f"\nEach image's worst case over every run on it ({', '.join(sources)}), on the images all "
           "those runs cover:\n")
     print("| model, gates | clean % | " + " | ".join(f"eps {e}" for e in eps_list) + " | runs combined |")
     print("|---|---|" + "---|" * len(eps_list) + "---|")
