@@ -112,17 +112,12 @@ PAIRS = [
 ]
 
 
-def cell(argv: list[str], eps: str, n: int, out: str, batch_size: int | None = None) -> list[str]:
-    """`miarobust run` arguments of one cell."""
+def cell(argv: list[str], eps: str, n: int, out: str, batch_size: int | None = None, attack: str = "adaptive",
+         checks: str = "on") -> list[str]:
+    """`miarobust run` arguments of one cell (of the preset, or with attack="transfer" of --transfer)."""
     batch = ["--batch-size", str(batch_size)] if batch_size else []
-    return ["run", *argv, "--attack", "adaptive", "--eps", eps, "--n", str(n), *batch, "--data", "embedded",
-            "--checks", "on", "--out", out]
-
-
-def transfer_cell(argv: list[str], eps: str) -> list[str]:
-    """`miarobust run` arguments of one --transfer cell."""
-    return ["run", *argv, "--attack", "transfer", "--surrogate", "vit_fmnist", "--eps", eps, "--n", str(TRANSFER_N),
-            "--data", "embedded", "--checks", "off", "--out", TRANSFER_OUT]
+    return ["run", *argv, "--attack", attack, "--eps", eps, "--n", str(n), *batch, "--data", "embedded",
+            "--checks", checks, "--out", out]
 
 
 def weights_sha256(name: str) -> str:
@@ -217,9 +212,11 @@ def main() -> None:
     ap.add_argument("--worst-out", default="results/worst")
     ap.add_argument("--rows", default=None, help="regular expression: run only the matching rows (several processes "
                     "can share the grid); the tables show them all")
-    ap.add_argument("--only-table", action="store_true", help="run nothing, read the runs")
-    ap.add_argument("--transfer", action="store_true", help=f"run, instead of the preset, the transfer attack from the "
-                    f"static vit_fmnist on every gated row into {TRANSFER_OUT} (first {TRANSFER_N} images, checks off)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--only-table", action="store_true", help="run nothing, read the runs")
+    mode.add_argument("--transfer", action="store_true", help=f"run, instead of the preset, the transfer attack from the "
+                      f"static vit_fmnist on every gated row into {TRANSFER_OUT} (first --n images, default "
+                      f"{TRANSFER_N}; checks off)")
     args = ap.parse_args()
     eps_list = args.eps.split(",")
     if not args.only_table:
@@ -228,7 +225,8 @@ def main() -> None:
                 if args.transfer and row.gate is None:  # the surrogate itself: white-box PGD-10, nothing to transfer
                     continue
                 if args.rows is None or re.search(args.rows, row.name):
-                    cmd = (transfer_cell(row.argv, eps) if args.transfer
+                    cmd = (cell([*row.argv, "--surrogate", "vit_fmnist"], eps, args.n or TRANSFER_N, TRANSFER_OUT,
+                                args.batch_size, attack="transfer", checks="off") if args.transfer
                            else cell(row.argv, eps, args.n or row.n, args.out, args.batch_size))
                     print("$ miarobust", shlex.join(cmd), flush=True)
                     subprocess.run([sys.executable, "-m", "miarobust", *cmd], check=True)
