@@ -130,7 +130,7 @@ class Resolved:
     """What a run's requested defaults and presets resolved to."""
 
     gate_mode: str | None  # None: a static model
-    checkpoint: str | None  # the weights file read (None: none)
+    checkpoint: str | None  # the weights file read (None: none; a shipped one relative to the package's parent)
     weights_sha256: str | None
     attacks: tuple[str, ...]  # the preset expanded
     eot: int | None  # EOT K the attacks ran with (the adaptive preset's probe decides it on stochastic gates)
@@ -179,8 +179,9 @@ def _is_a(value: Any, hint: Any) -> bool:
 def requested_config(config: dict[str, Any], folder_name: str | None = None) -> RunConfig:
     """The RunConfig recorded in config.json, as it was asked for.
 
-    config.json holds the resolved gate mode and checkpoint (what ran: the weights' path) and, under `requested`,
-    what was asked for (None: the model's default, or a shipped checkpoint's name), which the folder name hashes:
+    config.json holds the resolved gate mode and checkpoint (what ran: the weights' file, a shipped one as
+    miarobust/checkpoints/NAME.safetensors) and, under `requested`, what was asked for (None: the model's default,
+    or a shipped checkpoint's name), which the folder name hashes:
     a re-run takes the same defaults (the checkout's shipped weights, not a path recorded on another machine). A
     config.json without `requested` is matched by folder name: the candidate whose name is `folder_name`.
     """

@@ -30,6 +30,7 @@ from miarobust.config import Resolved, RunConfig, RunRecord, resolve_device
 from miarobust.data import FIXED_LABELS
 from miarobust.errors import UserError
 from miarobust.models.registry import file_sha256, parse_model_kwargs
+from miarobust.models.vit import recorded_checkpoint
 from miarobust.results import (
     CONFIG,
     CSV_FLOAT,
@@ -273,7 +274,8 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
                     state = "done"
                 else:
                     resolved = Resolved(gate_mode=ev.adaptive.gate_mode.value if ev.adaptive else None,
-                                        checkpoint=checkpoint, weights_sha256=weights,
+                                        checkpoint=recorded_checkpoint(checkpoint) if checkpoint else None,
+                                        weights_sha256=weights,
                                         attacks=tuple(i.name for i in ev.attacks), eot=ev.acfg.eot,
                                         gate_grad={i.name: i.gate_grad for i in ev.attacks})
                     write_json(folder / CONFIG, RunRecord(cfg, resolved).to_json(environment()))

@@ -143,7 +143,8 @@ def test_run_config_reproduces_the_folder_name(baseline):
 
 
 def test_run_config_of_a_shipped_checkpoint_name(cli, tmp_path):
-    """A run asked for `--checkpoint mia_vit_fmnist_b05` records the file's path; its re-run asks for the name."""
+    """A run asked for `--checkpoint mia_vit_fmnist_b05` records the file relative to the package (the same on every
+    machine); its re-run asks for the name."""
     import json
 
     r = cli("run", "--model", "mia_vit_fmnist", "--checkpoint", "mia_vit_fmnist_b05", "--n", "8", "--attack", "none",
@@ -151,7 +152,7 @@ def test_run_config_of_a_shipped_checkpoint_name(cli, tmp_path):
     assert r.code == 0, r.err
     (folder,) = tmp_path.iterdir()
     recorded = json.loads((folder / "config.json").read_text())
-    assert recorded["checkpoint"].endswith("checkpoints/mia_vit_fmnist_b05.safetensors")
+    assert recorded["checkpoint"] == "miarobust/checkpoints/mia_vit_fmnist_b05.safetensors"
     cfg = run_config(recorded, folder.name)
     assert cfg.checkpoint == "mia_vit_fmnist_b05" and cfg.folder_name() == folder.name
 

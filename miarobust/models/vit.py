@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from timm.models import build_model_with_cfg, register_model
@@ -31,6 +32,14 @@ ARCHS: dict[str, dict[str, Any]] = {
 def shipped_checkpoint(filename: str) -> str:
     """Path of a checkpoint file shipped inside the package (miarobust/checkpoints/)."""
     return str(resources.files("miarobust") / "checkpoints" / filename)
+
+
+def recorded_checkpoint(path: str) -> str:
+    """How config.json names a weights file: a shipped one relative to the package's parent
+    (`miarobust/checkpoints/NAME.safetensors`, the same wherever the package is installed), any other as given."""
+    folder = Path(str(resources.files("miarobust") / "checkpoints")).resolve()
+    file = Path(path).expanduser().resolve()
+    return f"miarobust/checkpoints/{file.name}" if file.parent == folder and file.is_file() else path
 
 
 def shipped_names() -> list[str]:
