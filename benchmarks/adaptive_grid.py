@@ -6,10 +6,10 @@ Cells, each one `miarobust run ... --attack adaptive --checks on` (resumable; re
   static `vit_fmnist`; `mia_vit_fmnist` with the weights `mia_vit_fmnist_b07` and with its default weights
   (`mia_vit_fmnist_lat076`), deterministic gates and stochastic gates (10 draws per image, EOT K chosen by
   the preset's convergence probe); `mia_vit_fmnist_b05` and the peers AdaViT, A-ViT, DynamicViT (their default
-  weights), ToMe (r = 8, training-free) and ToMe fine-tuned at r = 8 (`tome_vit_fmnist_b05`), deterministic
-  decisions through straight-through where the mechanism has them; each on the first images of the embedded set
-  (ROWS says how many). With --transfer, each gated row's cell is instead the transfer attack from the static
-  `vit_fmnist` (TRANSFER_OUT).
+  weights), ToMe (r = 8, training-free), ToMe fine-tuned at r = 8 (`tome_vit_fmnist_b05`) and EViT fine-tuned at
+  keep rate 0.47 (`evit_vit_fmnist_b05`), deterministic decisions through straight-through where the mechanism has
+  them; each on the first images of the embedded set (ROWS says how many). With --transfer, each gated row's cell
+  is instead the transfer attack from the static `vit_fmnist` (TRANSFER_OUT).
 Then `miarobust worst` writes, per model x model arguments x weights x gate mode x eps, each image's worst case over
 the runs of --out, of the transfer runs and of the earlier grids (EARLIER) into --worst-out (a folder whose result
 is unchanged is kept as it is, stale ones are removed), and the tables are printed from those folders.
@@ -86,11 +86,13 @@ ROWS = [
         ["--model", "tome_vit_fmnist", "--model-kwargs", "r=8"], 50, "r=8"),
     Row("ToMe b05 (fine-tuned, r = 8)", "tome_vit_fmnist", "tome_vit_fmnist_b05", "deterministic",
         ["--model", "tome_vit_fmnist", "--checkpoint", "tome_vit_fmnist_b05"], 50),
+    Row("EViT b05 (fine-tuned, keep 0.47)", "evit_vit_fmnist", "evit_vit_fmnist_b05", "deterministic",
+        ["--model", "evit_vit_fmnist", "--checkpoint", "evit_vit_fmnist_b05"], 50),
 ]
 #: (row a, row b): is a more robust than b on the same images? The gated models against the static one and their
 #: stochastic gates against their deterministic ones; each peer against the static model and against the
-#: MIA-Former checkpoint nearest its MACs (AdaViT 0.50, DynamicViT 0.50 and ToMe 0.52 of the static MACs against
-#: b05's 0.49; A-ViT's 0.56 against the default lat076's 0.64, the nearest MIA-Former with the preset's runs).
+#: MIA-Former checkpoint nearest its MACs (AdaViT 0.50, DynamicViT 0.50, ToMe 0.52 and EViT 0.51 of the static MACs
+#: against b05's 0.49; A-ViT's 0.56 against the default lat076's 0.64, the nearest MIA-Former with the preset's runs).
 PAIRS = [
     ("b07, deterministic gates", "vit_fmnist (static)"),
     ("b07, stochastic gates", "vit_fmnist (static)"),
@@ -109,6 +111,8 @@ PAIRS = [
     ("ToMe r = 8", "b05, deterministic gates"),
     ("ToMe b05 (fine-tuned, r = 8)", "vit_fmnist (static)"),
     ("ToMe b05 (fine-tuned, r = 8)", "b05, deterministic gates"),
+    ("EViT b05 (fine-tuned, keep 0.47)", "vit_fmnist (static)"),
+    ("EViT b05 (fine-tuned, keep 0.47)", "b05, deterministic gates"),
 ]
 
 
