@@ -1,6 +1,7 @@
-"""The dynamic-ViT peers (DynamicViT, A-ViT, AdaViT, ToMe): mechanism off is the static model, the MACs counter agrees with torch's
-FlopCounterMode and with the papers' DeiT-S figures, fixed compute per image, the masked reference forward agrees
-with the fast one, and the evaluator runs them through the adaptive protocol alone."""
+"""The dynamic-ViT peers (DynamicViT, A-ViT, AdaViT, ToMe, EViT): mechanism off is the static model, the MACs counter
+agrees with torch's FlopCounterMode and with the papers' DeiT-S figures, fixed compute per image, the masked reference
+forward agrees with the fast one, straight-through passes each mechanism's relaxation, and the evaluator runs them
+through the adaptive protocol alone."""
 
 from __future__ import annotations
 
@@ -176,6 +177,51 @@ def test_tome_merges_sizes_and_keeps_the_class_token_first() -> None:
     metric[:, 2] = metric[:, 5]
     _, s = bipartite_merge(x, size, metric, 1)
     assert (s.squeeze(-1) == 2).sum(1).tolist() == [1, 1]
+
+
+def test_tomes_relaxed_merge_is_the_hard_merge_at_low_temperature() -> None:
+    """soft_merge is a relaxation of the hard merge: at a temperature near 0 it gives the hard merge's B tokens and
+    sizes; at any temperature the straight-through merge's values are the hard merge's."""
+    import torch.nn.functional as F
+
+    from miarobust.models.tome import bipartite_merge, soft_merge
+
+    torch.manual_seed(5)
+    x, size, metric = torch.randn(3, 17, 8), torch.rand(3, 17, 1) + 0.5, torch.randn(3, 17, 5)
+    for r in (1, 4, 8):  # 8: every A token but the class token merges
+        hard_x, hard_size = bipartite_merge(x, size, metric, r)
+        st_x, st_size = bipartite_merge(x, size, metric, r, tau=0.1)
+        assert torch.allclose(st_x, hard_x, atol=1e-6) and torch.allclose(st_size, hard_size, atol=1e-6)
+        m = F.normalize(metric, dim=-1)
+        sim = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)
+        sim[:, 0] = float("-inf")
+        ranked = sim.max(-1).values.sort(-1, descending=True).values
+        soft_x, soft_size = soft_merge((x * size)[:, ::2], (x * size)[:, 1::2], size[:, ::2], size[:, 1::2], sim,
+                                       ranked, r, 1e-6)
+        nb = soft_x.shape[1]
+        assert torch.allclose(soft_x, hard_x[:, -nb:], atol=1e-5) and torch.allclose(soft_size, hard_size[:, -nb:])
+
+
+@pytest.mark.parametrize("peer, kwargs", [("tome_vit_fmnist", {"r": 8}), ("evit_vit_fmnist", {"keep_rate": 0.47})])
+def test_straight_through_steers_the_token_choice_and_changes_no_output(peer: str, kwargs: dict) -> None:
+    """Under straight_through ToMe's merge and EViT's keep choice pass their relaxation's gradient: the outputs
+    are the hard forward's, the input gradient is not the plain one, and without gradients nothing changes."""
+    from miarobust.models import create
+
+    model = create(peer, **kwargs)  # the shipped static weights: the attention as trained
+    torch.manual_seed(6)
+    x = torch.rand(4, 1, 28, 28, requires_grad=True)
+    plain = model(x)
+    (g_plain,) = torch.autograd.grad(plain[:, 0].sum(), x)
+    model.straight_through = True
+    st = model(x)
+    (g_st,) = torch.autograd.grad(st[:, 0].sum(), x)
+    assert (st - plain).abs().max().item() <= 1e-5
+    assert torch.isfinite(g_st).all() and not torch.allclose(g_st, g_plain, rtol=1e-3, atol=1e-6)
+    with torch.no_grad():
+        assert (model(x) - plain).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="st_tau"):
+        timm.create_model(peer, st_tau=0.0)
 
 
 def test_the_protocol_finds_the_peers_and_refuses_modes_they_lack(cli, tmp_path) -> None:

@@ -12,8 +12,12 @@ and three quarters of the depth: DeiT's 4th, 7th and 10th), between attention an
 No parameter is added, so a static checkpoint is an EViT checkpoint (the paper fine-tunes; it runs without).
 The compute is the same for every image: a fixed-compute peer. Gate modes (models/adaptive.py): ``full`` keeps
 every token (exactly the static model); ``deterministic`` reorganises. The top-k choice is piecewise constant in
-the input, so `straight_through` changes nothing; gradients reach the input through the kept tokens and the
-fusion weights, which are the attention itself.
+the input: without `straight_through` gradients reach the input through the kept tokens and the fusion weights
+(the attention itself), never through which tokens are kept. With `straight_through` (BPDA, for attacks) the
+forward pass is the same and the backward pass is that of a relaxed choice: token i is kept with weight
+m_i = sigmoid((log s_i - log t) / st_tau), s_i its attentiveness and t the geometric mean of the k-th and
+(k+1)-th largest (held constant); each kept token is scaled by its m_i (1 in the forward pass) and the fused token
+is the attentiveness-weighted average of every token weighted by 1 - m_i (the hard fusion as st_tau -> 0).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch import nn
 
 from miarobust.models.adaptive import AdaptiveVisionTransformer
 from miarobust.models.flops import VitDims, block_macs
-from miarobust.models.gates import GateMode
+from miarobust.models.gates import GateMode, straight_through
 from miarobust.models.vit import ARCHS, create_vit, fmnist_cfg, imagenet_cfg
 
 
@@ -42,17 +46,22 @@ class EViT(AdaptiveVisionTransformer):
     """timm's VisionTransformer reorganising its tokens by the class token's attention; see the module docstring.
 
     Args (beyond timm's): keep_rate (share of the non-class tokens kept at each reorganisation); prune_at (the
-    blocks that reorganise, 0-based; default depth/4, depth/2, 3 depth/4); gate_mode.
+    blocks that reorganise, 0-based; default depth/4, depth/2, 3 depth/4); st_tau (the temperature of the keep
+    choice's relaxation under `straight_through`); gate_mode.
     """
 
     NAME, CLASS_TOKEN = "EViT", "ranks tokens by the class token's attention and classifies from it"
     GATE_MODES = (GateMode.FULL, GateMode.DETERMINISTIC)
     VARIABLE_COMPUTE = False
 
-    def __init__(self, *args: Any, keep_rate: float = 0.7, prune_at: tuple[int, ...] | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, keep_rate: float = 0.7, prune_at: tuple[int, ...] | None = None,
+                 st_tau: float = 0.5, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if not 0 < keep_rate <= 1:
             raise ValueError(f"keep_rate must be in (0, 1], not {keep_rate}")
+        if st_tau <= 0:
+            raise ValueError(f"st_tau (the temperature of the keep choice's relaxation) must be > 0, not {st_tau}")
+        self.st_tau = st_tau
         depth = len(self.blocks)
         default = tuple(sorted({depth * s // 4 for s in (1, 2, 3)} - {0}))
         self.prune_at = tuple(prune_at) if prune_at is not None else default
@@ -94,14 +103,16 @@ class EViT(AdaptiveVisionTransformer):
         self.last = FuseRecord(x.new_full((x.shape[0],), float(self.macs_per_image(rate))), [n for n, _ in schedule])
         if rate >= 1:
             return self.norm(self.blocks(x))
+        tau = self.st_tau if self.straight_through and torch.is_grad_enabled() else None
         for i, blk in enumerate(self.blocks):
-            x = _reorganising_block(blk, x, schedule[i][1]) if i in self.prune_at else blk(x)
+            x = _reorganising_block(blk, x, schedule[i][1], tau) if i in self.prune_at else blk(x)
         return self.norm(x)
 
 
-def _reorganising_block(blk: nn.Module, x: torch.Tensor, out_tokens: int) -> torch.Tensor:
+def _reorganising_block(blk: nn.Module, x: torch.Tensor, out_tokens: int, tau: float | None = None) -> torch.Tensor:
     """timm's pre-norm block whose MLP runs on `out_tokens` tokens: the class token, the most attended tokens and
-    the fusion of the rest (EViT's token reorganisation between attention and MLP)."""
+    the fusion of the rest (EViT's token reorganisation between attention and MLP; with `tau`, the keep choice
+    straight-through its relaxation at that temperature)."""
     a = blk.attn
     b, n, d = x.shape
     qkv = a.qkv(blk.norm1(x)).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
@@ -118,9 +129,28 @@ def _reorganising_block(blk: nn.Module, x: torch.Tensor, out_tokens: int) -> tor
         tokens = x[:, 1:]
         w = score.gather(1, rest)[..., None]
         fused = (tokens.gather(1, rest[..., None].expand(-1, -1, d)) * w).sum(1, keepdim=True)
-        x = torch.cat([x[:, :1], tokens.gather(1, top[..., None].expand(-1, -1, d)),
-                       fused / w.sum(1, keepdim=True).clamp_min(1e-12)], 1)
+        fused = fused / w.sum(1, keepdim=True).clamp_min(1e-12)
+        kept_tokens = tokens.gather(1, top[..., None].expand(-1, -1, d))
+        if tau is not None:
+            kept_tokens, fused = relaxed_keep(tokens, score, top, kept_tokens, fused, kept, tau)
+        x = torch.cat([x[:, :1], kept_tokens, fused], 1)
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+def relaxed_keep(tokens: torch.Tensor, score: torch.Tensor, top: torch.Tensor, kept_tokens: torch.Tensor,
+                 fused: torch.Tensor, kept: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept tokens and the fused one of a hard reorganisation, carrying the gradient of its relaxation.
+
+    tokens (B, n, D): the non-class tokens; score (B, n): their attentiveness; top (B, kept): the kept ones'
+    indices; kept_tokens, fused: the hard result. Token i is kept with weight m_i (module docstring).
+    """
+    log_score = score.clamp_min(1e-12).log()
+    ranked = log_score.detach().sort(1, descending=True).values
+    m = torch.sigmoid((log_score - (ranked[:, kept - 1:kept] + ranked[:, kept:kept + 1]) / 2) / tau)  # (B, n)
+    keep_weight = m.gather(1, top)[..., None]
+    w = ((1 - m) * score)[..., None]
+    soft_fused = (tokens * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1e-12)
+    return kept_tokens * straight_through(torch.ones_like(keep_weight), keep_weight), straight_through(fused, soft_fused)
 
 
 def _evit(variant: str, arch: str, cfg: Any, pretrained: bool, kwargs: dict[str, Any]) -> EViT:

@@ -14,9 +14,13 @@ Attention is proportional: log(size) is added to every key's score, so a merged 
 it stands for. The compute is the same for every image (r per block), so it is a fixed-compute peer.
 
 Gate modes (models/adaptive.py): ``full`` merges nothing (r = 0: exactly the static model); ``deterministic``
-merges r per block. The matching is a discrete choice, piecewise constant in the input: its gradient is zero
-where defined, so `straight_through` changes nothing here, and gradients reach the input through the merged
-features and the proportional attention.
+merges r per block. The matching is a discrete choice, piecewise constant in the input: without
+`straight_through` gradients reach the input only through the merged features and the proportional attention,
+never through which tokens merge. With `straight_through` (BPDA, for attacks) the forward pass is the same hard
+merge and the backward pass is that of its relaxation (`soft_merge`): each A token joins every B token with the
+softmax of their similarities over `st_tau`, in proportion to its soft "is merged" weight, the sigmoid of its best
+similarity's distance to the threshold between the r-th and (r+1)-th best edges over `st_tau`. As `st_tau` -> 0
+the relaxation is the hard merge.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch import nn
 
 from miarobust.models.adaptive import AdaptiveVisionTransformer
 from miarobust.models.flops import VitDims, block_macs
-from miarobust.models.gates import GateMode
+from miarobust.models.gates import GateMode, straight_through
 from miarobust.models.vit import ARCHS, create_vit, fmnist_cfg, imagenet_cfg
 
 
@@ -41,10 +45,13 @@ class MergeRecord:
         self.macs, self.tokens = macs, tokens
 
 
-def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int,
+                    tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge r tokens of x (B, N, D) with sizes (B, N, 1) by bipartite soft matching on metric (B, N, C).
 
-    Token 0 (the class token) is in A and never merged. Returns the merged features (B, N - r, D) and sizes.
+    Token 0 (the class token) is in A and never merged. Returns the merged features (B, N - r, D) and sizes; with
+    `tau`, the B tokens' features and sizes carry the gradient of `soft_merge` at that temperature (the values
+    are the hard merge's).
     """
     if r <= 0:
         return x, size
@@ -59,12 +66,33 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r
     xa, xb = (x * size)[:, ::2], (x * size)[:, 1::2]
     sa, sb = size[:, ::2], size[:, 1::2]
     target = match.gather(1, merged_a)[..., None]  # the B token each merged A token joins
-    xb = xb.scatter_add(1, target.expand(-1, -1, d), xa.gather(1, merged_a[..., None].expand(-1, -1, d)))
-    sb = sb.scatter_add(1, target, sa.gather(1, merged_a[..., None]))
     keep = kept_a[..., None]
-    new_size = torch.cat([sa.gather(1, keep), sb], 1)
-    new_x = torch.cat([xa.gather(1, keep.expand(-1, -1, d)), xb], 1) / new_size
-    return new_x, new_size
+    hard_sb = sb.scatter_add(1, target, sa.gather(1, merged_a[..., None]))
+    hard_xb = xb.scatter_add(1, target.expand(-1, -1, d), xa.gather(1, merged_a[..., None].expand(-1, -1, d))) / hard_sb
+    if tau is not None:
+        soft_xb, soft_sb = soft_merge(xa, xb, sa, sb, sim, best.gather(1, order), r, tau)
+        hard_xb, hard_sb = straight_through(hard_xb, soft_xb), straight_through(hard_sb, soft_sb)
+    kept_sa = sa.gather(1, keep)
+    new_x = torch.cat([xa.gather(1, keep.expand(-1, -1, d)) / kept_sa, hard_xb], 1)
+    return new_x, torch.cat([kept_sa, hard_sb], 1)
+
+
+def soft_merge(xa: torch.Tensor, xb: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, sim: torch.Tensor,
+               ranked: torch.Tensor, r: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The relaxation of merging r A tokens into B: the B tokens' features and sizes (B, Nb, D), (B, Nb, 1).
+
+    xa, xb: size-weighted features of A and B; sa, sb: their sizes; sim (B, Na, Nb): similarities (the class
+    token's row -inf); ranked (B, Na): each A token's best similarity, sorted descending. A token i is merged
+    with weight m_i = sigmoid((best_i - t) / tau), t halfway between the r-th and (r+1)-th best (held constant),
+    and joins B token j in proportion softmax_j(sim_ij / tau).
+    """
+    finite = sim[:, 1:]  # the class token (row 0) never merges
+    threshold = (ranked[:, r - 1] + ranked[:, r].clamp_min(-1.0)).detach()[:, None] / 2  # cosines are >= -1
+    m = torch.sigmoid((finite.max(-1).values - threshold) / tau)  # (B, Na - 1)
+    w = m[..., None] * (finite / tau).softmax(-1)  # (B, Na - 1, Nb): how much of A token i joins B token j
+    wt = w.transpose(1, 2)
+    soft_sb = sb + wt @ sa[:, 1:]
+    return (xb + wt @ xa[:, 1:]) / soft_sb, soft_sb
 
 
 class ToMe(AdaptiveVisionTransformer):
@@ -74,11 +102,13 @@ class ToMe(AdaptiveVisionTransformer):
     GATE_MODES = (GateMode.FULL, GateMode.DETERMINISTIC)
     VARIABLE_COMPUTE = False
 
-    def __init__(self, *args: Any, r: int = 8, **kwargs: Any):
+    def __init__(self, *args: Any, r: int = 8, st_tau: float = 0.1, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if r < 0:
             raise ValueError(f"r (tokens merged per block) must be >= 0, not {r}")
-        self.r = r
+        if st_tau <= 0:
+            raise ValueError(f"st_tau (the temperature of the merge's relaxation) must be > 0, not {st_tau}")
+        self.r, self.st_tau = r, st_tau
         self.last: MergeRecord | None = None
 
     def schedule(self, r: int | None = None) -> list[int]:
@@ -114,13 +144,16 @@ class ToMe(AdaptiveVisionTransformer):
         if r == 0:
             return self.norm(self.blocks(x))
         size = x.new_ones(b, x.shape[1], 1)
+        tau = self.st_tau if self.straight_through and torch.is_grad_enabled() else None
         for blk in self.blocks:
-            x, size = _merging_block(blk, x, size, r)
+            x, size = _merging_block(blk, x, size, r, tau)
         return self.norm(x)
 
 
-def _merging_block(blk: nn.Module, x: torch.Tensor, size: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm's pre-norm block with proportional attention, r tokens merged between attention and MLP."""
+def _merging_block(blk: nn.Module, x: torch.Tensor, size: torch.Tensor, r: int,
+                   tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's pre-norm block with proportional attention, r tokens merged between attention and MLP (with `tau`,
+    the merge straight-through its relaxation at that temperature)."""
     a = blk.attn
     b, n, d = x.shape
     qkv = a.qkv(blk.norm1(x)).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
@@ -129,7 +162,7 @@ def _merging_block(blk: nn.Module, x: torch.Tensor, size: torch.Tensor, r: int) 
     bias = size.log().transpose(1, 2)[:, None]  # (B, 1, 1, N): log of each key's size
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=a.attn_drop.p if blk.training else 0.0)
     x = x + blk.drop_path1(blk.ls1(a.proj_drop(a.proj(o.transpose(1, 2).reshape(b, n, a.attn_dim)))))
-    x, size = bipartite_merge(x, size, k.mean(1), min(r, (n - 1) // 2))
+    x, size = bipartite_merge(x, size, k.mean(1), min(r, (n - 1) // 2), tau)
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))), size
 
 
