@@ -6,7 +6,9 @@ with plain gradients (`pgd`: the hard decisions' gradient, zero through the choi
 relaxation (`bpda-pgd`), each with --seeds random starts, and APGD-CE (`apgd-ce` / `apgd-ce-st`, 100 iterations),
 on the first --n images of the embedded set. Per model x eps x attack: robust accuracy of each gradient, their
 paired difference per image (an image counts as robust under a gradient when it survives every seed), and the
-exact McNemar p. Each cell's per-image results are saved under --out (resumable: a saved cell is not rerun).
+exact McNemar p. And per model, how the relaxation changes the input gradient of the clean images' cross-entropy
+(median over images of the L1 ratio relaxed / plain, cosine, share of equal signs). Each cell's per-image results
+are saved under --out (resumable: a saved cell is not rerun).
 
     python benchmarks/st_relaxation.py [--eps 2/255,4/255] [--n 100] [--seeds 3] [--out results/relaxation]
         [--rows REGEX] [--only-table]
@@ -40,18 +42,44 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def run_cell(row: tuple, eps: str, attack: str, seed: int, n: int) -> list[bool]:
-    """Per image: still correct after `attack` at `eps` with random seed `seed`."""
-    import miarobust
+def model_and_images(row: tuple, n: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The row's model, deterministic decisions, and the first n embedded images with their labels."""
     from miarobust.data import Geometry, embedded
     from miarobust.models import create
 
-    name, model_name, checkpoint, kwargs = row
+    _, model_name, checkpoint, kwargs = row
     model = create(model_name, checkpoint=checkpoint, **kwargs)
     model.set_gate_mode("deterministic")
     data = embedded(None, "test", Geometry.of(model))
     x = torch.stack([data[i][0] for i in range(n)])
-    y = torch.tensor([int(data[i][1]) for i in range(n)])
+    return model, x, torch.tensor([int(data[i][1]) for i in range(n)])
+
+
+def gradient_change(row: tuple, n: int) -> dict[str, float]:
+    """Medians over the images of the relaxed / plain input gradient of cross-entropy: L1 ratio, cosine, equal signs."""
+    import torch.nn.functional as F
+
+    from miarobust.models.normalize import Normalized
+
+    model, x, y = model_and_images(row, n)
+    wrapped = Normalized(model).eval()
+    grads = []
+    for st in (False, True):
+        model.straight_through = st
+        xr = x.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(F.cross_entropy(wrapped(xr), y, reduction="sum"), xr)[0].flatten(1))
+    model.straight_through = False
+    plain, relaxed = grads
+    return {"l1_ratio": (relaxed.abs().sum(1) / plain.abs().sum(1).clamp_min(1e-30)).median().item(),
+            "cosine": F.cosine_similarity(plain, relaxed, 1).median().item(),
+            "equal_signs": (plain.sign() == relaxed.sign()).float().mean(1).median().item()}
+
+
+def run_cell(row: tuple, eps: str, attack: str, seed: int, n: int) -> list[bool]:
+    """Per image: still correct after `attack` at `eps` with random seed `seed`."""
+    import miarobust
+
+    model, x, y = model_and_images(row, n)
     options = {"steps": 10} if attack in ("pgd", "bpda-pgd") else {}
     torch.manual_seed(seed)
     atk = miarobust.Attack(attack, model, eps=eps, **options)
@@ -83,6 +111,13 @@ def main() -> int:
     eps_list = [e.strip() for e in args.eps.split(",") if e.strip()]
     cells = [(row, eps, atk, seed) for row in rows for eps in eps_list for pair in ATTACKS for atk in pair[:2]
              for seed in range(args.seeds if pair[2] else 1)]
+    for row in rows if not args.only_table else ():
+        path = out / f"{slug(row[0])}-gradient-n{args.n}.json"
+        if not path.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"row": row[0], "n": args.n, **gradient_change(row, args.n)}))
+            tmp.replace(path)
     todo = []
     for row, eps, atk, seed in cells:
         path = out / f"{slug(row[0])}-{eps.replace('/', '_')}-{atk}-seed{seed}-n{args.n}.json"
@@ -123,6 +158,15 @@ def main() -> int:
                 print(f"| {row[0]} | {eps} | {plain} / {st} | {100 * sum(a) / len(a):.1f}{detail[plain]} | "
                       f"{100 * sum(b) / len(b):.1f}{detail[st]} | {only_st} / {only_plain} | "
                       f"{paired_drop_p(only_plain, only_st):.3g} |")
+    print(f"\nThe relaxation's input gradient against the plain one, medians over the first {args.n} images' "
+          "cross-entropy:\n")
+    print("| model | L1 norm, relaxed / plain | cosine | signs equal |")
+    print("|---|---|---|---|")
+    for row in rows:
+        path = out / f"{slug(row[0])}-gradient-n{args.n}.json"
+        g = json.loads(path.read_text()) if path.exists() else None
+        print(f"| {row[0]} | " + (f"{g['l1_ratio']:.2f} | {g['cosine']:.2f} | {100 * g['equal_signs']:.0f}% |" if g
+                                  else "- | - | - |"))
     return 0
 
 
