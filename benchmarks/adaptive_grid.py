@@ -241,6 +241,7 @@ def main() -> None:
           "those runs cover:\n")
     print("| model, gates | clean % | " + " | ".join(f"eps {e}" for e in eps_list) + " | runs combined |")
     print("|---|---|" + "---|" * len(eps_list) + "---|")
+    upper_bounds = False
     for row in ROWS:
         key = (row.model, row.model_kwargs, weights_sha256(row.weights), row.gate)
         cells, clean, runs = [], "-", set()
@@ -256,14 +257,16 @@ def main() -> None:
                 cells.append(pct(h.robust.mean(), len(h)))
             else:  # only the earlier, weaker attacks reached these images: an upper bound, compared with nothing
                 cells.append(f"({pct(h.robust.mean(), len(h))}) †")
+                upper_bounds = True
             clean = f"{100 * h.clean_correct.mean():.1f}"
             runs.add(len(combines))
         print(f"| {row.name} | {clean} | " + " | ".join(cells) + f" | {'/'.join(map(str, sorted(runs))) or '-'} |")
-    print(f"\n† No run of the adaptive preset at this eps (none in {args.out}): each image's worst case over the other "
-          f"runs only ({', '.join(sources[1:])}: PGD transferred from the static model and the earlier grids' attacks), "
-          "which ran without the sanity checks and are weaker than the preset (a transfer attack never sees the model; "
-          "the earlier grids ran, on stochastic gates, without straight-through gradients or per-image candidates): an "
-          "upper bound, left out of the paired comparisons.")
+    if upper_bounds:  # the footnote of the cells marked †, only where there are some
+        print(f"\n† No run of the adaptive preset at this eps (none in {args.out}): each image's worst case over the "
+              f"other runs only ({', '.join(sources[1:])}: PGD transferred from the static model and the earlier grids' "
+              "attacks), which ran without the sanity checks and are weaker than the preset (a transfer attack never "
+              "sees the model; the earlier grids ran, on stochastic gates, without straight-through gradients or "
+              "per-image candidates): an upper bound, left out of the paired comparisons.")
     print_preset_runs(Path(args.out))
     rows = [(a, b, eps, *compare(table[a][eps], table[b][eps]))
             for a, b in PAIRS for eps in eps_list if eps in table.get(a, {}) and eps in table.get(b, {})]
