@@ -10,7 +10,7 @@ two-sided exact McNemar p. And per model, how the relaxation changes the input g
 (median over images of the L1 ratio relaxed / plain, cosine, share of equal signs). Each cell's per-image results
 are saved under --out (resumable: a saved cell is not rerun).
 
-    python benchmarks/st_relaxation.py [--eps 2/255,4/255] [--n 100] [--seeds 3] [--out results/relaxation]
+    python benchmarks/st_relaxation.py [--eps 1/255,2/255,4/255] [--n 100] [--seeds 3] [--out results/relaxation]
         [--rows REGEX] [--only-table]
 """
 
@@ -97,7 +97,7 @@ def main() -> int:
     from miarobust.stats import paired_drop_p
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--eps", default="2/255,4/255")
+    ap.add_argument("--eps", default="1/255,2/255,4/255")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default="results/relaxation")
