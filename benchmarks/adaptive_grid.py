@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from miarobust.stats import holm, paired_drop_p, paired_mean_diff, wilson
+from miarobust.stats import holm, mcnemar_p, paired_mean_diff, wilson
 
 B07 = ["--model", "mia_vit_fmnist", "--checkpoint", "mia_vit_fmnist_b07"]
 LAT = ["--model", "mia_vit_fmnist"]  # its default weights, mia_vit_fmnist_lat076
@@ -178,7 +178,7 @@ def compare(a: pd.DataFrame, b: pd.DataFrame) -> tuple[int, float, float, str, f
     ra, rb = both.robust_a, both.robust_b
     if set(ra.unique()) <= {0, 1} and set(rb.unique()) <= {0, 1}:
         only_a, only_b = int(((ra == 1) & (rb == 0)).sum()), int(((ra == 0) & (rb == 1)).sum())
-        p = min(1.0, 2 * min(paired_drop_p(only_a, only_b), paired_drop_p(only_b, only_a)))
+        p = mcnemar_p(only_a, only_b)
         return len(both), ra.mean(), rb.mean(), f"{100 * (ra.mean() - rb.mean()):+.1f} ({only_a} vs {only_b} images)", p
     diff, lo, hi, p = paired_mean_diff(ra.tolist(), rb.tolist())
     return len(both), ra.mean(), rb.mean(), f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]", p

@@ -84,7 +84,7 @@ def print_pairs(out: Path, rows_argv: list[tuple[str, list[str]]] | None = None,
     over `pairs` (default PAIRS) of the rows `rows_argv` (default ROWS) run into `out`."""
     import pandas as pd
 
-    from miarobust.stats import holm, paired_drop_p
+    from miarobust.stats import holm, mcnemar_p
 
     argv = dict(rows_argv or ROWS)
     rows = []
@@ -96,7 +96,7 @@ def print_pairs(out: Path, rows_argv: list[tuple[str, list[str]]] | None = None,
         both = pd.read_csv(fa / "samples.csv").merge(pd.read_csv(fb / "samples.csv"), on="index", suffixes=("_a", "_b"))
         ca, cb = both["clean_correct_a"], both["clean_correct_b"]
         only_a, only_b = int(((ca == 1) & (cb == 0)).sum()), int(((ca == 0) & (cb == 1)).sum())
-        p = min(1.0, 2 * min(paired_drop_p(only_a, only_b), paired_drop_p(only_b, only_a)))
+        p = mcnemar_p(only_a, only_b)
         share = sa["gmacs"]["clean_share_of_static"], sb["gmacs"]["clean_share_of_static"]
         rows.append((a, b, len(both), 100 * ca.mean(), 100 * cb.mean(), only_a, only_b, share, p))
     if not rows:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from miarobust.stats import paired_drop_p, paired_mean_diff
+from miarobust.stats import mcnemar_p, paired_mean_diff
 
 
 def cells(n: int, aa_n: int, aa_rand_n: int, eval_samples: int, aa_eot_n: int = 0,
@@ -161,7 +161,7 @@ def paired(name_a: str, name_b: str, eps: str, folder_a: Path, folder_b: Path) -
     both = _shared(folder_a, folder_b)
     only_a = int(((both.robust_a >= 0.5) & (both.robust_b < 0.5)).sum())
     only_b = int(((both.robust_a < 0.5) & (both.robust_b >= 0.5)).sum())
-    p = min(1.0, 2 * min(paired_drop_p(only_a, only_b), paired_drop_p(only_b, only_a)))
+    p = mcnemar_p(only_a, only_b)
     attack = name_a.split(", ", 1)[1]
     return (f"| {attack} | {eps} | {len(both)} | {100 * both.robust_a.mean():.1f}, {100 * both.robust_b.mean():.1f} "
             f"| {only_a} | {only_b} | {p:.3g} |")

@@ -45,6 +45,12 @@ def paired_drop_p(only_base: int, only_new: int) -> float:
     return sum(math.comb(n, k) for k in range(only_base, n + 1)) / 2**n
 
 
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value that two runs on the same samples differ, from their discordant pairs
+    (only_a: samples correct in run a only; only_b: in run b only): twice the smaller one-sided p, at most 1."""
+    return min(1.0, 2 * min(paired_drop_p(only_a, only_b), paired_drop_p(only_b, only_a)))
+
+
 def paired_mean_diff(a: list[float], b: list[float], z: float = Z95) -> tuple[float, float, float, float]:
     """Mean of a - b over paired samples, its 95% interval and the two-sided p-value that it is 0 (normal
     approximation of the paired t-test). For per-sample outcomes in [0, 1] that need not be 0/1, such as a

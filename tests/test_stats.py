@@ -6,6 +6,7 @@ import pytest
 
 from miarobust.stats import (
     holm,
+    mcnemar_p,
     mcnemar_power,
     normal_sf,
     paired_drop_p,
@@ -36,6 +37,12 @@ def test_exact_mcnemar_one_sided():
     assert paired_drop_p(3, 0) == 1 / 8  # three discordant pairs, all against the new run
     assert paired_drop_p(1, 2) == 7 / 8
     assert paired_drop_p(10, 10) == pytest.approx(0.5 + math.comb(20, 10) / 2**21)
+
+
+def test_exact_mcnemar_two_sided_is_symmetric_and_capped():
+    assert mcnemar_p(3, 0) == mcnemar_p(0, 3) == 2 / 8
+    assert mcnemar_p(0, 0) == mcnemar_p(5, 5) == 1.0
+    assert mcnemar_p(12, 2) == pytest.approx(2 * sum(math.comb(14, k) for k in range(12, 15)) / 2**14)
 
 
 def test_paired_mean_diff_on_fractional_outcomes():
