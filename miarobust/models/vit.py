@@ -37,9 +37,9 @@ def shipped_checkpoint(filename: str) -> str:
 def recorded_checkpoint(path: str) -> str:
     """How config.json names a weights file: a shipped one relative to the package's parent
     (`miarobust/checkpoints/NAME.safetensors`, the same wherever the package is installed), any other as given."""
-    folder = Path(str(resources.files("miarobust") / "checkpoints")).resolve()
     file = Path(path).expanduser().resolve()
-    return f"miarobust/checkpoints/{file.name}" if file.parent == folder and file.is_file() else path
+    shipped = file == Path(shipped_checkpoint(file.name)).resolve() and file.is_file()
+    return f"miarobust/checkpoints/{file.name}" if shipped else path
 
 
 def shipped_names() -> list[str]:
