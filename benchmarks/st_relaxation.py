@@ -38,8 +38,11 @@ ROWS = [
 ATTACKS = [("pgd", "bpda-pgd", True), ("apgd-ce", "apgd-ce-st", False)]
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+def cell_path(out: Path, row: tuple, n: int, eps: str | None = None, attack: str = "", seed: int = 0) -> Path:
+    """The file of one saved cell under `out`: an attack's (eps given) or the row's gradient comparison."""
+    name = re.sub(r"[^a-z0-9]+", "-", row[0].lower()).strip("-")
+    cell = f"{eps.replace('/', '_')}-{attack}-seed{seed}" if eps else "gradient"
+    return out / f"{name}-{cell}-n{n}.json"
 
 
 def model_and_images(row: tuple, n: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -94,6 +97,7 @@ def run_cell(row: tuple, eps: str, attack: str, seed: int, n: int) -> list[bool]
 def main() -> int:
     from tqdm import tqdm
 
+    from miarobust.results import write_json
     from miarobust.stats import mcnemar_p
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -112,25 +116,15 @@ def main() -> int:
     cells = [(row, eps, atk, seed) for row in rows for eps in eps_list for pair in ATTACKS for atk in pair[:2]
              for seed in range(args.seeds if pair[2] else 1)]
     for row in rows if not args.only_table else ():
-        path = out / f"{slug(row[0])}-gradient-n{args.n}.json"
-        if not path.exists():
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"row": row[0], "n": args.n, **gradient_change(row, args.n)}))
-            tmp.replace(path)
-    todo = []
-    for row, eps, atk, seed in cells:
-        path = out / f"{slug(row[0])}-{eps.replace('/', '_')}-{atk}-seed{seed}-n{args.n}.json"
-        if not path.exists():
-            todo.append((row, eps, atk, seed, path))
-    if todo and not args.only_table:
-        out.mkdir(parents=True, exist_ok=True)
-        for row, eps, atk, seed, path in tqdm(todo, desc="relaxation cells", unit="cell"):
-            correct = run_cell(row, eps, atk, seed, args.n)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"row": row[0], "eps": eps, "attack": atk, "seed": seed, "n": args.n,
-                                       "correct": correct}))
-            tmp.replace(path)  # a cell is saved whole or not at all
+        path = cell_path(out, row, args.n)
+        if not path.exists():  # written whole or not at all, as every cell
+            write_json(path, {"row": row[0], "n": args.n, **gradient_change(row, args.n)})
+    todo = [(row, eps, atk, seed) for row, eps, atk, seed in cells
+            if not cell_path(out, row, args.n, eps, atk, seed).exists()]
+    for row, eps, atk, seed in tqdm(todo, desc="relaxation cells", unit="cell") if todo and not args.only_table else ():
+        write_json(cell_path(out, row, args.n, eps, atk, seed),
+                   {"row": row[0], "eps": eps, "attack": atk, "seed": seed, "n": args.n,
+                    "correct": run_cell(row, eps, atk, seed, args.n)})
     print(f"Robust % on the first {args.n} embedded images, deterministic decisions; PGD-10 over {args.seeds} random "
           "starts (robust: under every start; in brackets each start's), APGD-CE once; plain gradient against the "
           "relaxation's, paired per image (two-sided exact McNemar):\n")
@@ -142,8 +136,7 @@ def main() -> int:
             for plain, st, seeded in ATTACKS:
                 runs = {}
                 for atk in (plain, st):
-                    found = [out / f"{slug(row[0])}-{eps.replace('/', '_')}-{atk}-seed{s}-n{args.n}.json"
-                             for s in range(args.seeds if seeded else 1)]
+                    found = [cell_path(out, row, args.n, eps, atk, s) for s in range(args.seeds if seeded else 1)]
                     if not all(f.exists() for f in found):
                         break
                     runs[atk] = [json.loads(f.read_text())["correct"] for f in found]
@@ -163,7 +156,7 @@ def main() -> int:
     print("| model | L1 norm, relaxed / plain | cosine | signs equal |")
     print("|---|---|---|---|")
     for row in rows:
-        path = out / f"{slug(row[0])}-gradient-n{args.n}.json"
+        path = cell_path(out, row, args.n)
         g = json.loads(path.read_text()) if path.exists() else None
         print(f"| {row[0]} | " + (f"{g['l1_ratio']:.2f} | {g['cosine']:.2f} | {100 * g['equal_signs']:.0f}% |" if g
                                   else "- | - | - |"))
