@@ -197,6 +197,7 @@ def print_preset_runs(out: Path) -> None:
         s, c = json.loads(path.read_text()), json.loads((path.parent / "config.json").read_text())
         weights = Path(c.get("checkpoint") or "-").name.removesuffix(".safetensors")
         budget = f" ({c['steps']} steps x {c['restarts']} restarts)" if (c["steps"], c["restarts"]) != (10, 1) else ""
+        budget += f" ({c['queries']} queries)" if c.get("queries", 5000) != 5000 else ""
         parts = ", ".join(f"{a} {100 * v['acc']:.1f}" + (f" (EOT {v['eot']})" if v.get("eot", 1) > 1 else "")
                           for a, v in s["attacks"].items()) + budget
         checks = "; ".join(f"{k} {v['status']}" for k, v in s.get("checks", {}).items() if v["status"] != "skip")

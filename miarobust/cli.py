@@ -85,6 +85,9 @@ def model_option(default: str | None) -> Any:
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--alpha", type=EpsType(), default=None, help="Step size (default 2.5 * eps / steps).")
 @click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--queries", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Square's query budget, alone (--attack square) and inside AutoAttack (the sanity checks' own "
+              "Square keeps 5000).")
 @click.option("--eot", type=click.IntRange(min=1), default=None,
               help="Gate draws averaged per gradient (EOT) on a stochastic model; default 8 for eot-pgd, 1 otherwise.")
 @click.option("--eot-chunk", type=click.IntRange(min=1), default=None, help="Rows per forward pass for EOT (default: by device).")

@@ -50,6 +50,7 @@ class RunConfig:
     steps: int = 10
     alpha: float | None = None
     restarts: int = 1
+    queries: int = 5000  # Square's query budget, alone and inside AutoAttack (AutoAttack's own default)
     eot: int | None = None  # None: each attack's own default (8 for eot-pgd, 1 otherwise)
     eot_chunk: int | None = None
     eval_samples: int = 10
@@ -82,6 +83,10 @@ class RunConfig:
             raise UserError(f"unknown checks mode '{self.checks}': use {', '.join(CHECK_MODES)}.")
         if not self.attacks:
             raise UserError("no attack named: name one (see `miarobust list attacks`).")
+        for name in ("steps", "restarts", "queries"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UserError(f"{name} {v!r} must be a whole number >= 1.")
 
     @classmethod
     def with_eps(cls, eps: float | str | Eps, **fields: Any) -> RunConfig:
@@ -100,7 +105,7 @@ class RunConfig:
         from miarobust.attacks import AttackConfig
 
         return AttackConfig(norm=self.norm, eps=self.eps, steps=self.steps, alpha=self.alpha, restarts=self.restarts,
-                            eot=self.eot, eot_chunk=self.eot_chunk, surrogate=self.surrogate,
+                            queries=self.queries, eot=self.eot, eot_chunk=self.eot_chunk, surrogate=self.surrogate,
                             keep_prediction=self.keep_prediction, select_draws=self.eval_samples, seed=self.seed)
 
     def identity(self) -> dict[str, Any]:
@@ -112,6 +117,8 @@ class RunConfig:
             d.pop("model_kwargs")
         if d["precision"] == "fp32":  # the same: absent unless another precision is asked for
             d.pop("precision")
+        if d["queries"] == 5000:  # and AutoAttack's query budget unless another is asked for
+            d.pop("queries")
         return d
 
     def folder_name(self) -> str:

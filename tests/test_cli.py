@@ -54,6 +54,20 @@ def test_tiny_run_writes_the_run_folder(cli, tmp_path):
     assert again.code == 0 and again.out == r.out
 
 
+def test_square_takes_the_query_budget_asked_for(cli, tmp_path, monkeypatch):
+    """--queries reaches the Square that runs (here alone) and the run's record; the default leaves names alone."""
+    import pyautoattack.autoattack as aa
+
+    budgets = []
+    square = aa.SquareAttack
+    record = lambda self, x, y: (budgets.append(self.n_queries), square.perturb(self, x, y))[1]  # noqa: E731
+    monkeypatch.setattr(aa, "SquareAttack", type("SquareAttack", (square,), {"perturb": record}))
+    r = cli("run", *TINY, "--attack", "square", "--queries", "7", "--n", "4", "--out", str(tmp_path))
+    assert r.code == 0, r.err
+    (folder,) = tmp_path.iterdir()
+    assert json.loads((folder / "config.json").read_text())["queries"] == 7 and budgets and set(budgets) == {7}
+
+
 def test_list_comes_from_the_registries(cli):
     r = cli("list")
     assert r.code == 0
@@ -97,6 +111,7 @@ def assert_user_error(r, out: Path, *needles: str) -> None:
     (["--eps", "2"], ["--eps 2 is >= 1", "8/255"]),
     (["--alpha", "0"], ["--alpha", "finite number > 0"]),
     (["--steps", "0"], ["--steps", "0 is not in the range x>=1"]),
+    (["--queries", "0"], ["--queries", "0 is not in the range x>=1"]),
     (["--n", "0"], ["--n"]),
     (["--norm", "L3"], ["--norm", "'L3' is not one of 'Linf', 'L2'"]),
     (["--attack", "fgsm", "--norm", "L2", "--eps", "0.5"], ["attack fgsm supports Linf only", "--norm"]),

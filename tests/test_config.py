@@ -43,3 +43,13 @@ def test_config_json_round_trip():
     back = RunRecord.read(text)
     assert back.requested == asked and back.resolved == resolved
     assert back.requested.folder_name() == asked.folder_name()
+
+
+def test_square_query_budget_is_part_of_the_identity():
+    default = RunConfig.with_eps("4/255", attacks=("square",))
+    assert default.attack_config().queries == 5000 and "queries" not in default.identity()  # old folders keep names
+    more = RunConfig.with_eps("4/255", attacks=("square",), queries=20_000)
+    assert more.attack_config().queries == 20_000 and more.folder_name() != default.folder_name()
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(UserError, match="queries .* whole number"):
+            RunConfig(queries=bad)

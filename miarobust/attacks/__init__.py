@@ -283,7 +283,7 @@ ATTACKS: dict[str, AttackInfo] = {
                    white_box=False, takes_eot=False, keeps_best=False),  # the target's gates are never seen: non-adaptive
         AttackInfo("apgd-ce", "APGD on cross-entropy (pyautoattack)", _autoattack(["apgd-ce"], "custom")),
         AttackInfo("apgd-dlr", "APGD on the DLR loss (pyautoattack)", _autoattack(["apgd-dlr"], "custom")),
-        AttackInfo("square", "Square Attack, black-box, 5000 queries (pyautoattack)", _autoattack(["square"], "custom"),
+        AttackInfo("square", "Square Attack, black-box, 5000 queries unless --queries (pyautoattack)", _autoattack(["square"], "custom"),
                    white_box=False),
         AttackInfo("autoattack", "AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square (pyautoattack)",
                    _autoattack(None, "standard"), includes_square=True),
