@@ -44,7 +44,7 @@ def state_sha256(module: nn.Module) -> str:
 def evaluate(model: str | nn.Module, *, attack: str | Sequence[str] = "pgd", eps: float | str = 8 / 255,
              data: str | Dataset | tuple[torch.Tensor, torch.Tensor] = "embedded", n: int | None = None,
              mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-             input_size: Sequence[int] | None = None, out: str = "runs", progress: bool = False,
+             input_size: Sequence[int] | None = None, out: str = "runs", progress: bool = False, reuse: bool = False,
              **options: Any) -> RunResult:
     """Evaluate `model` under `attack` at `eps` on `data`; the results folder is `result.folder`.
 
@@ -57,6 +57,7 @@ def evaluate(model: str | nn.Module, *, attack: str | Sequence[str] = "pgd", eps
     attack: a name, several (each image robust only if it survives all), or the preset "adaptive".
     eps: a float or text such as "8/255". options: any other `miarobust run` setting as a RunConfig field
       (norm, steps, restarts, eot, gate_mode, eval_samples, checkpoint, batch_size, seed, device, checks, ...).
+    reuse: start from the batches of a finished run of the same request at another n in `out` (`--reuse`).
     """
     known = {f.name for f in fields(RunConfig)} - {"model", "attacks", "eps", "eps_text", "data", "n", "out"}
     unknown = sorted(set(options) - known)
@@ -68,7 +69,7 @@ def evaluate(model: str | nn.Module, *, attack: str | Sequence[str] = "pgd", eps
             raise UserError("evaluate() on a registered model name takes data by name; to evaluate your own images, "
                             "pass the model as an nn.Module (miarobust.models.create(name)).")
         return run(RunConfig.with_eps(eps, model=model, attacks=attacks, data=data, n=n, out=str(Path(out)), **options),
-                   progress=progress)
+                   progress=progress, reuse=reuse)
     if not isinstance(model, nn.Module):
         raise UserError(f"evaluate() takes a model name or an nn.Module, not {type(model).__name__}.")
     from miarobust.data import Geometry, load_dataset
@@ -89,7 +90,7 @@ def evaluate(model: str | nn.Module, *, attack: str | Sequence[str] = "pgd", eps
         raise UserError(f"data has label {top_label} but the model outputs {ev.num_classes} classes (0 to "
                         f"{ev.num_classes - 1}): pass labels of the model's classes.")
     ev.weights_sha256 = sha
-    return run(cfg, progress=progress, ev=ev)
+    return run(cfg, progress=progress, ev=ev, reuse=reuse)
 
 
 def own_data(data: Any, geometry: Any, n: int | None) -> tuple[Dataset, str, int]:

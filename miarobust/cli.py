@@ -85,9 +85,7 @@ def model_option(default: str | None) -> Any:
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--alpha", type=EpsType(), default=None, help="Step size (default 2.5 * eps / steps).")
 @click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--queries", type=click.IntRange(min=1), default=5000, show_default=True,
-              help="Square's query budget, alone (--attack square) and inside AutoAttack (the sanity checks' own "
-              "Square keeps 5000).")
+@click.option("--queries", type=click.IntRange(min=1), default=5000, show_default=True, help="Square's query budget, alone and in AutoAttack.")
 @click.option("--eot", type=click.IntRange(min=1), default=None,
               help="Gate draws averaged per gradient (EOT) on a stochastic model; default 8 for eot-pgd, 1 otherwise.")
 @click.option("--eot-chunk", type=click.IntRange(min=1), default=None, help="Rows per forward pass for EOT (default: by device).")
@@ -106,25 +104,24 @@ def model_option(default: str | None) -> Any:
 @click.option("--checks", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Sanity checks of the evaluation (auto: all on small runs, a cheap subset otherwise).")
 @click.option("--out", default="runs", show_default=True, help="Folder that receives the run folder (runs/ is git-ignored; results/ holds the repository's committed runs).")
+@click.option("--reuse", is_flag=True, help="Start from the batches of the same images in a finished run of the same request at another --n in --out (copied, not recomputed; summary.json names it).")
 def run_cmd(**kw: Any) -> None:
     """Evaluate a model under attack; writes config.json, samples.csv, summary.json."""
     from miarobust.distributed import distributed_context
 
+    reuse = kw.pop("reuse")
     cfg = make_run_config(kw)
     with distributed_context(cfg) as (rank, world):
         from miarobust.evaluator import run
 
         try:
-            res = run(cfg, progress=sys.stderr.isatty() or world == 1, rank=rank, world=world)
+            res = run(cfg, progress=sys.stderr.isatty() or world == 1, rank=rank, world=world, reuse=reuse)
         except KeyboardInterrupt:
-            from pathlib import Path
-
             partial = Path(cfg.out) / cfg.folder_name() / "partial"
             done = len(list(partial.glob("batch_*.csv")))
             if rank == 0:
-                click.echo(f"interrupted: {done} finished batches are kept in {partial}; run the same command again "
-                           "to resume." if done else "interrupted before any batch finished: nothing was written.",
-                           err=True)
+                click.echo(f"interrupted: {done} finished batches are kept in {partial}; run the same command again to "
+                           "resume." if done else "interrupted before any batch finished: nothing was written.", err=True)
             sys.exit(130)
         if rank == 0:
             click.echo(format_summary(res.folder, res.summary))
@@ -184,8 +181,6 @@ def list_cmd(what: str) -> None:
         for family, members in FAMILIES.items():
             click.echo(f"  {family}: " + ", ".join(m for m in members if m in names))
     if what in ("all", "checkpoints"):
-        from pathlib import Path
-
         from miarobust.models.registry import weights_file
         from miarobust.models.vit import shipped_names
 

@@ -44,6 +44,7 @@ from miarobust.results import (
     write_files,
     write_json,
 )
+from miarobust.results.reuse import copy_batches, find_donor, reused_record
 from miarobust.results.store import (
     FolderLock,
     batch_seed,
@@ -248,8 +249,12 @@ class RunResult:
     summary: dict[str, Any]
 
 
-def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev: Evaluation | None = None) -> RunResult:
+def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev: Evaluation | None = None,
+        reuse: bool = False) -> RunResult:
     """Evaluate and write the run folder cfg.out/<name>/ (resuming finished batches); returns the summary.
+
+    reuse: a new run starts from the batches of a finished run of the same request at another n in cfg.out
+    (results/reuse.py), copied instead of recomputed.
 
     Bad input writes nothing: the model, data and attacks are built before the folder is made, and a run
     that fails before it has finished a batch removes the folders it created. With world > 1 (see
@@ -279,6 +284,8 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
                                         attacks=tuple(i.name for i in ev.attacks), eot=ev.acfg.eot,
                                         gate_grad={i.name: i.gate_grad for i in ev.attacks})
                     write_json(folder / CONFIG, RunRecord(cfg, resolved).to_json(environment()))
+                    if reuse:
+                        start_from_donor(folder, cfg, ev, resolved, progress)
             except Exception as e:  # noqa: BLE001  (raised below, once the other ranks are told)
                 state, message, failure = "failed", str(e), e
         if world > 1:
@@ -330,6 +337,24 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
         return RunResult(folder, finish(cfg, ev, folder, time.time() - started))
 
 
+def start_from_donor(folder: Path, cfg: RunConfig, ev: Evaluation, resolved: Resolved, progress: bool) -> None:
+    """--reuse: copy into a run that has no batch yet the batches a finished run of the same request holds."""
+    from tqdm.auto import tqdm
+
+    if batches_done(folder) or reused_record(folder) is not None:
+        return  # resumed: what it reused (if anything) is in partial/ already
+    donor = find_donor(folder, cfg, resolved, ev.n, any(hasattr(fn, "warnings") for fn in ev.attack_fns))
+    images = copy_batches(folder, donor, cfg.batch_size, ev.n) if donor is not None else 0
+    if donor is None or not images:
+        said = f"--reuse: no finished run of the same request in {cfg.out} holds a batch of this one; computing them all"
+    else:
+        said = (f"--reuse: {len(donor.batches)} of {ev.num_batches} batches ({images} images) copied from "
+                f"{donor.folder.name} (made at revision {(donor.git_revision or 'unknown')[:12]})")
+    log.info(said)
+    if progress:
+        tqdm.write(said, file=sys.stderr)
+
+
 def _broadcast(obj: Any) -> Any:
     """`obj` of rank 0, on every rank."""
     import torch.distributed as dist
@@ -371,6 +396,11 @@ def finish(cfg: RunConfig, ev: Evaluation, folder: Path, seconds: float) -> dict
     started = time.time()
     summary["checks"] = run_checks(cfg, ev, samples, summary)
     summary["checks_seconds"] = time.time() - started  # wall_seconds is the evaluation's
+    # each batch's AutoAttack warnings, so that a larger run can reuse the batches (results/reuse.py)
+    summary["batch_warnings"] = {str(b): w for b, w in sorted(ev.warnings.items()) if w}
+    reused = reused_record(folder)
+    if reused is not None:
+        summary["reused"] = reused
     write_json(folder / SUMMARY, summary)
     shutil.rmtree(folder / PARTIAL)  # with any temporary file a killed run left mid-write
     return summary

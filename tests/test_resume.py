@@ -263,3 +263,54 @@ def test_autoattack_warnings_of_earlier_batches_survive_a_resume(tmp_path, monke
     flags = run(cfg, progress=False).summary["checks"]["autoattack_flags"]
     # APGD without EOT on the stochastic gates: AutoAttack's randomness warning, a flag (as in one process)
     assert flags["status"] == "flag" and any(checks.RANDOMNESS_WARNING in w for w in flags["value"]), flags
+
+
+# -- --reuse: a run grown from the same run at another n (miarobust/results/reuse.py) -----------------------------
+
+
+def count_batches(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = Evaluation.run_batch
+    monkeypatch.setattr(Evaluation, "run_batch", lambda self, b: calls.append(b) or real(self, b))
+    return calls
+
+
+def test_reuse_grows_a_run_to_the_same_records(tmp_path, monkeypatch, reference):
+    """n=16 then n=24 with --reuse: batches 0-1 are copied, only batch 2 is computed, and samples.csv is the
+    byte-identical one of a fresh n=24 run; the summary names the donor. Smaller from larger: only the batches
+    whose images are the same (n=12: batch 0, not the half batch 1)."""
+    import json
+
+    small = run(RunConfig(**{**CFG, "n": 16}, out=str(tmp_path)), progress=False)
+    calls = count_batches(monkeypatch)
+    grown = run(RunConfig(**CFG, out=str(tmp_path)), progress=False, reuse=True)
+    assert calls == [2]
+    assert (grown.folder / "samples.csv").read_bytes() == reference
+    reused = grown.summary["reused"]
+    assert reused["run"] == small.folder.name and reused["batches"] == [0, 1] and reused["images"] == 16
+    assert json.loads((grown.folder / "summary.json").read_text())["reused"] == reused
+    calls.clear()
+    part = run(RunConfig(**{**CFG, "n": 12}, out=str(tmp_path)), progress=False, reuse=True)
+    assert calls == [1] and part.summary["reused"]["batches"] == [0]  # from the larger donor (1 of the 16-run's 2 too)
+
+
+@pytest.mark.parametrize("other", [{"seed": 1}, {"steps": 3}, {"batch_size": 12}, {"eps": 4 / 255}])
+def test_reuse_takes_only_the_same_request(tmp_path, monkeypatch, capsys, other):
+    run(RunConfig(**{**CFG, "n": 16, **other}, out=str(tmp_path)), progress=False)
+    calls = count_batches(monkeypatch)
+    res = run(RunConfig(**CFG, out=str(tmp_path)), progress=True, reuse=True)
+    assert calls == [0, 1, 2] and "reused" not in res.summary
+    assert "no finished run of the same request" in capsys.readouterr().err
+
+
+def test_reuse_skips_a_donor_whose_autoattack_warnings_have_no_batch():
+    """A finished run that predates per-batch warnings: reusable only if AutoAttack warned nowhere."""
+    from miarobust.results.reuse import batch_warnings
+
+    kept = {"batch_warnings": {"1": {"autoattack": ["w"]}}}
+    assert batch_warnings(kept, autoattack=True) == {1: {"autoattack": ["w"]}}
+    assert batch_warnings({}, autoattack=False) == {}
+    clean = {"checks": {"autoattack_flags": {"status": "pass", "value": []}}}
+    assert batch_warnings(clean, autoattack=True) == {}
+    for warned in ({"checks": {"autoattack_flags": {"status": "flag", "value": ["autoattack: w"]}}}, {"checks": {}}):
+        assert batch_warnings(warned, autoattack=True) is None
