@@ -268,7 +268,7 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
     started = time.time()
     created = missing_folders(folder)  # ours to remove on failure
     with contextlib.ExitStack() as stack:
-        state, message, failure = "go", "", None
+        state, message, failure, copied = "go", "", None, 0
         if rank == 0:
             try:
                 stack.enter_context(FolderLock(folder))
@@ -284,8 +284,7 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
                                         attacks=tuple(i.name for i in ev.attacks), eot=ev.acfg.eot,
                                         gate_grad={i.name: i.gate_grad for i in ev.attacks})
                     write_json(folder / CONFIG, RunRecord(cfg, resolved).to_json(environment()))
-                    if reuse:
-                        start_from_donor(folder, cfg, ev, resolved, progress)
+                    copied = start_from_donor(folder, cfg, ev, resolved, progress) if reuse else 0
             except Exception as e:  # noqa: BLE001  (raised below, once the other ranks are told)
                 state, message, failure = "failed", str(e), e
         if world > 1:
@@ -303,7 +302,7 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
             return RunResult(folder, json.loads((folder / SUMMARY).read_text()) if rank == 0 else {})
         todo = list(batches_todo(folder, ev.num_batches, rank, world))
         done = batches_done(folder)
-        if shown and done:
+        if shown and done and not copied:  # batches copied by --reuse: said so already
             tqdm.write(f"resuming {folder}: {done} of {ev.num_batches} batches done", file=sys.stderr)
         bar = tqdm(todo, desc=f"{cfg.model} x {'+'.join(cfg.attacks)}", unit="batch", disable=not shown)
         error: Exception | None = None
@@ -337,22 +336,26 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
         return RunResult(folder, finish(cfg, ev, folder, time.time() - started))
 
 
-def start_from_donor(folder: Path, cfg: RunConfig, ev: Evaluation, resolved: Resolved, progress: bool) -> None:
-    """--reuse: copy into a run that has no batch yet the batches a finished run of the same request holds."""
+def start_from_donor(folder: Path, cfg: RunConfig, ev: Evaluation, resolved: Resolved, progress: bool) -> int:
+    """--reuse: copy into a run that has no batch yet the batches a finished run of the same request holds; returns
+    how many images they hold."""
     from tqdm.auto import tqdm
 
     if batches_done(folder) or reused_record(folder) is not None:
-        return  # resumed: what it reused (if anything) is in partial/ already
-    donor = find_donor(folder, cfg, resolved, ev.n, any(hasattr(fn, "warnings") for fn in ev.attack_fns))
+        return 0  # resumed: what it reused (if anything) is in partial/ already
+    donor, unattributed = find_donor(folder, cfg, resolved, ev.n, any(hasattr(fn, "warnings") for fn in ev.attack_fns))
     images = copy_batches(folder, donor, cfg.batch_size, ev.n) if donor is not None else 0
     if donor is None or not images:
-        said = f"--reuse: no finished run of the same request in {cfg.out} holds a batch of this one; computing them all"
+        why = (f" ({', '.join(unattributed)}: AutoAttack warned there, and which batch it warned in was not kept)"
+               if unattributed else "")
+        said = f"--reuse: no finished run of the same request in {cfg.out} can give a batch of this one{why}; computing them all"
     else:
         said = (f"--reuse: {len(donor.batches)} of {ev.num_batches} batches ({images} images) copied from "
                 f"{donor.folder.name} (made at revision {(donor.git_revision or 'unknown')[:12]})")
     log.info(said)
     if progress:
         tqdm.write(said, file=sys.stderr)
+    return images
 
 
 def _broadcast(obj: Any) -> Any:

@@ -314,3 +314,24 @@ def test_reuse_skips_a_donor_whose_autoattack_warnings_have_no_batch():
     assert batch_warnings(clean, autoattack=True) == {}
     for warned in ({"checks": {"autoattack_flags": {"status": "flag", "value": ["autoattack: w"]}}}, {"checks": {}}):
         assert batch_warnings(warned, autoattack=True) is None
+
+
+def test_reuse_names_the_run_it_cannot_take(tmp_path):
+    """A run of the same request whose warnings have no batch is named as left out, not taken."""
+    import json
+
+    from miarobust.config import RunRecord
+    from miarobust.results.reuse import find_donor
+
+    donor = run(RunConfig(**{**CFG, "n": 16}, out=str(tmp_path)), progress=False)
+    summary = json.loads((donor.folder / "summary.json").read_text())
+    grown = RunConfig(**CFG, out=str(tmp_path))
+    new = tmp_path / grown.folder_name()
+    new.mkdir()
+    resolved = RunRecord.read(json.loads((donor.folder / "config.json").read_text())).resolved
+    found, left = find_donor(new, grown, resolved, 24, autoattack=True)  # as if it held AutoAttack: warned nowhere
+    assert found is not None and found.batches == [0, 1] and left == []
+    del summary["batch_warnings"]
+    summary["checks"]["autoattack_flags"] = {"status": "flag", "value": ["autoattack: Square broke more"]}
+    (donor.folder / "summary.json").write_text(json.dumps(summary))
+    assert find_donor(new, grown, resolved, 24, autoattack=True) == (None, [donor.folder.name])

@@ -58,14 +58,16 @@ def batch_warnings(summary: dict[str, Any], autoattack: bool) -> dict[int, dict[
     return {} if flags.get("status") == "pass" and flags.get("value") == [] else None
 
 
-def find_donor(folder: Path, cfg: RunConfig, resolved: Resolved, n: int, autoattack: bool) -> Donor | None:
-    """The finished run beside `folder` that holds the most of this run's batches (None: no run of the same request).
+def find_donor(folder: Path, cfg: RunConfig, resolved: Resolved, n: int, autoattack: bool) -> tuple[Donor | None, list[str]]:
+    """The finished run beside `folder` that holds the most of this run's batches (None: none does), and the runs
+    of the same request left out because their AutoAttack warnings were not kept per batch.
 
     autoattack: whether the run holds an AutoAttack attack (whose warnings check 6 reads per batch)."""
     key, bs = same_request(cfg), cfg.batch_size
     want = dataclasses.replace(resolved, checkpoint=None)  # the weights' hash decides, not where the file lay
     num = -(-n // bs)
     best: Donor | None = None
+    unattributed: list[str] = []
     for other in sorted(p for p in folder.parent.iterdir() if p != folder and is_complete(p)):
         try:
             config = json.loads((other / CONFIG).read_text())
@@ -78,13 +80,13 @@ def find_donor(folder: Path, cfg: RunConfig, resolved: Resolved, n: int, autoatt
             continue
         warnings = batch_warnings(summary, autoattack)
         if warnings is None:
-            log.info("%s: its AutoAttack warnings are not kept per batch, so its batches are not reused", other.name)
+            unattributed.append(other.name)
             continue
         batches = [b for b in range(num) if b * bs < m and batch_range(b, bs, n) == batch_range(b, bs, m)]
         if batches and (best is None or len(batches) > len(best.batches)):
             best = Donor(other, batches, {b: w for b, w in warnings.items() if b in batches},
                          config.get("environment", {}).get("git_revision"))
-    return best
+    return best, unattributed
 
 
 def copy_batches(folder: Path, donor: Donor, batch_size: int, n: int) -> int:
