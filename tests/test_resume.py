@@ -321,7 +321,7 @@ def test_reuse_names_the_run_it_cannot_take(tmp_path):
     import json
 
     from miarobust.config import RunRecord
-    from miarobust.results.reuse import find_donor
+    from miarobust.results.reuse import copy_batches, find_donor
 
     donor = run(RunConfig(**{**CFG, "n": 16}, out=str(tmp_path)), progress=False)
     summary = json.loads((donor.folder / "summary.json").read_text())
@@ -331,6 +331,8 @@ def test_reuse_names_the_run_it_cannot_take(tmp_path):
     resolved = RunRecord.read(json.loads((donor.folder / "config.json").read_text())).resolved
     found, left = find_donor(new, grown, resolved, 24, autoattack=True)  # as if it held AutoAttack: warned nowhere
     assert found is not None and found.batches == [0, 1] and left == []
+    (donor.folder / "samples.csv").write_text("not,a\ncsv")  # damaged: no batch copied, no error
+    assert copy_batches(new, found, 8, 24) == 0 and not (new / "partial").exists()
     del summary["batch_warnings"]
     summary["checks"]["autoattack_flags"] = {"status": "flag", "value": ["autoattack: Square broke more"]}
     (donor.folder / "summary.json").write_text(json.dumps(summary))

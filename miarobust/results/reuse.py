@@ -92,11 +92,16 @@ def find_donor(folder: Path, cfg: RunConfig, resolved: Resolved, n: int, autoatt
 def copy_batches(folder: Path, donor: Donor, batch_size: int, n: int) -> int:
     """Write the donor's batches into folder/partial/ (with reused.json); how many images they hold (0: none copied,
     the donor's samples.csv did not hold every image of them)."""
-    samples = pd.read_csv(donor.folder / SAMPLES)
+    try:
+        samples = pd.read_csv(donor.folder / SAMPLES)
+        index = samples["index"]
+    except (OSError, ValueError, KeyError) as e:  # a damaged donor is no donor
+        log.warning("%s: samples.csv unreadable (%s): nothing reused", donor.folder.name, e)
+        return 0
     files: dict[Path, bytes] = {}
     for b in donor.batches:
         lo, hi = batch_range(b, batch_size, n)
-        rows = samples[(samples["index"] >= lo) & (samples["index"] < hi)].sort_values("index")
+        rows = samples[(index >= lo) & (index < hi)].sort_values("index")
         if rows["index"].tolist() != list(range(lo, hi)):
             log.warning("%s lacks images %d-%d of its batch %d: nothing reused", donor.folder.name, lo, hi - 1, b)
             return 0
