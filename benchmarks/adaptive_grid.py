@@ -14,7 +14,7 @@ Then `miarobust worst` writes, per model x model arguments x weights x gate mode
 the runs of --out, of the transfer runs and of the earlier grids (EARLIER) into --worst-out (a folder whose result
 is unchanged is kept as it is, stale ones are removed), and the tables are printed from those folders.
 
-    python benchmarks/adaptive_grid.py [--eps 1/255,2/255,4/255,8/255] [--n N] [--batch-size B] [--rows REGEX] [--reuse]
+    python benchmarks/adaptive_grid.py [--eps 1/255,2/255,4/255,8/255] [--n N] [--batch-size B] [--rows REGEX] [--reuse MODE]
         [--only-table | --transfer] [--out results/adaptive] [--worst-out results/worst]
 """
 
@@ -215,8 +215,8 @@ def main() -> None:
                     "smaller batches save progress more often on slow cells")
     ap.add_argument("--out", default="results/adaptive")
     ap.add_argument("--worst-out", default="results/worst")
-    ap.add_argument("--reuse", action="store_true", help="grow each cell from a finished run of it at another --n "
-                    "(`miarobust run --reuse`): the batches of the same images are copied, not recomputed")
+    ap.add_argument("--reuse", choices=["same-code", "any-code"], default=None, help="grow each cell from a finished "
+                    "run of it at another --n (`miarobust run --reuse`): the batches of the same images are copied")
     ap.add_argument("--rows", default=None, help="regular expression: run only the matching rows (several processes "
                     "can share the grid); the tables show them all")
     mode = ap.add_mutually_exclusive_group()
@@ -235,7 +235,7 @@ def main() -> None:
                     cmd = (cell([*row.argv, "--surrogate", "vit_fmnist"], eps, args.n or TRANSFER_N, TRANSFER_OUT,
                                 args.batch_size, attack="transfer", checks="off") if args.transfer
                            else cell(row.argv, eps, args.n or row.n, args.out, args.batch_size))
-                    cmd += ["--reuse"] if args.reuse else []
+                    cmd += ["--reuse", args.reuse] if args.reuse else []
                     print("$ miarobust", shlex.join(cmd), flush=True)
                     subprocess.run([sys.executable, "-m", "miarobust", *cmd], check=True)
     sources = [args.out, TRANSFER_OUT, *EARLIER]

@@ -44,7 +44,7 @@ def state_sha256(module: nn.Module) -> str:
 def evaluate(model: str | nn.Module, *, attack: str | Sequence[str] = "pgd", eps: float | str = 8 / 255,
              data: str | Dataset | tuple[torch.Tensor, torch.Tensor] = "embedded", n: int | None = None,
              mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-             input_size: Sequence[int] | None = None, out: str = "runs", progress: bool = False, reuse: bool = False,
+             input_size: Sequence[int] | None = None, out: str = "runs", progress: bool = False, reuse: str | None = None,
              **options: Any) -> RunResult:
     """Evaluate `model` under `attack` at `eps` on `data`; the results folder is `result.folder`.
 
@@ -57,7 +57,8 @@ def evaluate(model: str | nn.Module, *, attack: str | Sequence[str] = "pgd", eps
     attack: a name, several (each image robust only if it survives all), or the preset "adaptive".
     eps: a float or text such as "8/255". options: any other `miarobust run` setting as a RunConfig field
       (norm, steps, restarts, eot, gate_mode, eval_samples, checkpoint, batch_size, seed, device, checks, ...).
-    reuse: start from the batches of a finished run of the same request at another n in `out` (`--reuse`).
+    reuse: "same-code" or "any-code": start from the batches of a finished run of the same request at another n
+      in `out` (`--reuse`).
     """
     known = {f.name for f in fields(RunConfig)} - {"model", "attacks", "eps", "eps_text", "data", "n", "out"}
     unknown = sorted(set(options) - known)

@@ -44,6 +44,7 @@ from miarobust.results import (
     write_files,
     write_json,
 )
+from miarobust.results.reuse import MODES as REUSE_MODES
 from miarobust.results.reuse import copy_batches, find_donor, reused_record
 from miarobust.results.store import (
     FolderLock,
@@ -209,6 +210,12 @@ class Evaluation:
             return self.adaptive.last.macs.detach().to(self.device)
         return torch.full((b,), float(self.static_macs), device=self.device)
 
+    def sample_columns(self) -> list[str]:
+        """The columns of run_batch's records, in order."""
+        per_attack = ("pred", "adv_correct", "correct", "gmacs", "linf", "l2", "dist")
+        attacked = [f"{i.name}_{c}" for i in self.attacks if i.name != "none" for c in per_attack]
+        return ["index", "label", "clean_pred", "clean_correct", "clean_gmacs", *attacked, "robust"]
+
     def run_batch(self, b: int) -> pd.DataFrame:
         """Per-sample records of batch b (the threat model is checked before anything counts)."""
         torch.manual_seed(batch_seed(self.cfg.seed, b))
@@ -250,11 +257,11 @@ class RunResult:
 
 
 def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev: Evaluation | None = None,
-        reuse: bool = False) -> RunResult:
+        reuse: str | None = None) -> RunResult:
     """Evaluate and write the run folder cfg.out/<name>/ (resuming finished batches); returns the summary.
 
-    reuse: a new run starts from the batches of a finished run of the same request at another n in cfg.out
-    (results/reuse.py), copied instead of recomputed.
+    reuse: same-code or any-code: a new run starts from the batches of a finished run of the same request at
+    another n in cfg.out (results/reuse.py), copied instead of recomputed.
 
     Bad input writes nothing: the model, data and attacks are built before the folder is made, and a run
     that fails before it has finished a batch removes the folders it created. With world > 1 (see
@@ -284,7 +291,7 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
                                         attacks=tuple(i.name for i in ev.attacks), eot=ev.acfg.eot,
                                         gate_grad={i.name: i.gate_grad for i in ev.attacks})
                     write_json(folder / CONFIG, RunRecord(cfg, resolved).to_json(environment()))
-                    copied = start_from_donor(folder, cfg, ev, resolved, progress) if reuse else 0
+                    copied = start_from_donor(folder, cfg, ev, resolved, reuse, progress) if reuse else 0
             except Exception as e:  # noqa: BLE001  (raised below, once the other ranks are told)
                 state, message, failure = "failed", str(e), e
         if world > 1:
@@ -336,22 +343,28 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
         return RunResult(folder, finish(cfg, ev, folder, time.time() - started))
 
 
-def start_from_donor(folder: Path, cfg: RunConfig, ev: Evaluation, resolved: Resolved, progress: bool) -> int:
-    """--reuse: copy into a run that has no batch yet the batches a finished run of the same request holds; returns
-    how many images they hold."""
+def start_from_donor(folder: Path, cfg: RunConfig, ev: Evaluation, resolved: Resolved, mode: str, progress: bool) -> int:
+    """--reuse MODE: copy into a run that has no batch yet the batches a finished run of the same request holds;
+    returns how many images they hold."""
     from tqdm.auto import tqdm
 
+    if mode not in REUSE_MODES:
+        raise UserError(f"--reuse {mode}: use {' or '.join(REUSE_MODES)}.")
     if batches_done(folder) or reused_record(folder) is not None:
         return 0  # resumed: what it reused (if anything) is in partial/ already
-    donor, unattributed = find_donor(folder, cfg, resolved, ev.n, any(hasattr(fn, "warnings") for fn in ev.attack_fns))
-    images = copy_batches(folder, donor, cfg.batch_size, ev.n) if donor is not None else 0
+    autoattack = any(hasattr(fn, "warnings") for fn in ev.attack_fns)
+    donor, left = find_donor(folder, cfg, resolved, ev.n, autoattack, mode, environment())
+    images = 0
+    if donor is not None:
+        images = copy_batches(folder, donor, cfg.batch_size, ev.n, ev.sample_columns(),
+                              lambda b: ev.batch(b)[1].tolist())
+    skipped = f"; left out: {', '.join(left)}" if left else ""
     if donor is None or not images:
-        why = (f" ({', '.join(unattributed)}: AutoAttack warned there, and which batch it warned in was not kept)"
-               if unattributed else "")
-        said = f"--reuse: no finished run of the same request in {cfg.out} can give a batch of this one{why}; computing them all"
+        said = f"--reuse: no finished run in {cfg.out} gives a batch of this one{skipped}; computing them all"
     else:
+        changed = f", by other code: {'; '.join(donor.code_changes[:3])}" if donor.code_changes else ", by this code"
         said = (f"--reuse: {len(donor.batches)} of {ev.num_batches} batches ({images} images) copied from "
-                f"{donor.folder.name} (made at revision {(donor.git_revision or 'unknown')[:12]})")
+                f"{donor.folder.name} (made at revision {(donor.git_revision or 'unknown')[:12]}{changed}){skipped}")
     log.info(said)
     if progress:
         tqdm.write(said, file=sys.stderr)

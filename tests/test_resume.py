@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import TINY, files_under, subprocess_env
 
@@ -278,29 +279,31 @@ def count_batches(monkeypatch) -> list[int]:
 def test_reuse_grows_a_run_to_the_same_records(tmp_path, monkeypatch, reference):
     """n=16 then n=24 with --reuse: batches 0-1 are copied, only batch 2 is computed, and samples.csv is the
     byte-identical one of a fresh n=24 run; the summary names the donor. Smaller from larger: only the batches
-    whose images are the same (n=12: batch 0, not the half batch 1)."""
+    whose images are the same (n=12: batch 0, not the half batch 1), again as a fresh run would write them."""
     import json
 
     small = run(RunConfig(**{**CFG, "n": 16}, out=str(tmp_path)), progress=False)
     calls = count_batches(monkeypatch)
-    grown = run(RunConfig(**CFG, out=str(tmp_path)), progress=False, reuse=True)
+    grown = run(RunConfig(**CFG, out=str(tmp_path)), progress=False, reuse="same-code")
     assert calls == [2]
     assert (grown.folder / "samples.csv").read_bytes() == reference
     reused = grown.summary["reused"]
     assert reused["run"] == small.folder.name and reused["batches"] == [0, 1] and reused["images"] == 16
-    assert json.loads((grown.folder / "summary.json").read_text())["reused"] == reused
+    assert reused["code_changes"] == [] and json.loads((grown.folder / "summary.json").read_text())["reused"] == reused
     calls.clear()
-    part = run(RunConfig(**{**CFG, "n": 12}, out=str(tmp_path)), progress=False, reuse=True)
-    assert calls == [1] and part.summary["reused"]["batches"] == [0]  # from the larger donor (1 of the 16-run's 2 too)
+    part = run(RunConfig(**{**CFG, "n": 12}, out=str(tmp_path)), progress=False, reuse="same-code")
+    assert calls == [1] and part.summary["reused"]["batches"] == [0]
+    fresh = run(RunConfig(**{**CFG, "n": 12}, out=str(tmp_path / "fresh")), progress=False)
+    assert (part.folder / "samples.csv").read_bytes() == (fresh.folder / "samples.csv").read_bytes()
 
 
-@pytest.mark.parametrize("other", [{"seed": 1}, {"steps": 3}, {"batch_size": 12}, {"eps": 4 / 255}])
+@pytest.mark.parametrize("other", [{"seed": 1}, {"steps": 3}, {"batch_size": 12}, {"eps": 4 / 255}, {"eot_chunk": 4}])
 def test_reuse_takes_only_the_same_request(tmp_path, monkeypatch, capsys, other):
     run(RunConfig(**{**CFG, "n": 16, **other}, out=str(tmp_path)), progress=False)
     calls = count_batches(monkeypatch)
-    res = run(RunConfig(**CFG, out=str(tmp_path)), progress=True, reuse=True)
+    res = run(RunConfig(**CFG, out=str(tmp_path)), progress=True, reuse="same-code")
     assert calls == [0, 1, 2] and "reused" not in res.summary
-    assert "no finished run of the same request" in capsys.readouterr().err
+    assert "no finished run in" in capsys.readouterr().err
 
 
 def test_reuse_skips_a_donor_whose_autoattack_warnings_have_no_batch():
@@ -312,28 +315,64 @@ def test_reuse_skips_a_donor_whose_autoattack_warnings_have_no_batch():
     assert batch_warnings({}, autoattack=False) == {}
     clean = {"checks": {"autoattack_flags": {"status": "pass", "value": []}}}
     assert batch_warnings(clean, autoattack=True) == {}
-    for warned in ({"checks": {"autoattack_flags": {"status": "flag", "value": ["autoattack: w"]}}}, {"checks": {}}):
+    for warned in ({"checks": {"autoattack_flags": {"status": "flag", "value": ["autoattack: w"]}}}, {"checks": {}},
+                   {"checks": None}):
         assert batch_warnings(warned, autoattack=True) is None
 
 
-def test_reuse_names_the_run_it_cannot_take(tmp_path):
-    """A run of the same request whose warnings have no batch is named as left out, not taken."""
+def test_reuse_leaves_out_other_code_other_labels_and_damaged_donors(tmp_path):
+    """A donor is taken only if it was made by this code (same-code; any-code takes it, naming the difference), its
+    images carry the labels the data set has now and its samples.csv is readable; each one left out is named."""
     import json
 
     from miarobust.config import RunRecord
     from miarobust.results.reuse import copy_batches, find_donor
+    from miarobust.results.summary import environment
 
     donor = run(RunConfig(**{**CFG, "n": 16}, out=str(tmp_path)), progress=False)
-    summary = json.loads((donor.folder / "summary.json").read_text())
     grown = RunConfig(**CFG, out=str(tmp_path))
     new = tmp_path / grown.folder_name()
     new.mkdir()
-    resolved = RunRecord.read(json.loads((donor.folder / "config.json").read_text())).resolved
-    found, left = find_donor(new, grown, resolved, 24, autoattack=True)  # as if it held AutoAttack: warned nowhere
-    assert found is not None and found.batches == [0, 1] and left == []
+    config = json.loads((donor.folder / "config.json").read_text())
+    resolved, now = RunRecord.read(config).resolved, environment()
+    ev = Evaluation.from_config(grown)
+    labels = lambda b: ev.batch(b)[1].tolist()  # noqa: E731
+
+    found, left = find_donor(new, grown, resolved, 24, autoattack=True, mode="same-code", now=now)
+    assert found is not None and found.batches == [0, 1] and found.code_changes == [] and left == []
+    assert copy_batches(new, found, 8, 24, ev.sample_columns(), lambda b: [9] * 8) == 0  # other labels
+    assert copy_batches(new, found, 8, 24, ev.sample_columns()[:-1], labels) == 0  # other columns
+    assert not (new / "partial").exists()
+
+    config["environment"]["versions"]["torch"] = "0.0.1"  # made by other code
+    (donor.folder / "config.json").write_text(json.dumps(config))
+    found, left = find_donor(new, grown, resolved, 24, autoattack=True, mode="same-code", now=now)
+    assert found is None and left and "torch 0.0.1 ->" in left[0] and "any-code" in left[0]
+    found, left = find_donor(new, grown, resolved, 24, autoattack=True, mode="any-code", now=now)
+    assert found is not None and "torch 0.0.1 ->" in found.code_changes[0]
+
     (donor.folder / "samples.csv").write_text("not,a\ncsv")  # damaged: no batch copied, no error
-    assert copy_batches(new, found, 8, 24) == 0 and not (new / "partial").exists()
+    assert copy_batches(new, found, 8, 24, ev.sample_columns(), labels) == 0 and not (new / "partial").exists()
+    summary = json.loads((donor.folder / "summary.json").read_text())
     del summary["batch_warnings"]
     summary["checks"]["autoattack_flags"] = {"status": "flag", "value": ["autoattack: Square broke more"]}
     (donor.folder / "summary.json").write_text(json.dumps(summary))
-    assert find_donor(new, grown, resolved, 24, autoattack=True) == (None, [donor.folder.name])
+    found, left = find_donor(new, grown, resolved, 24, autoattack=True, mode="any-code", now=now)
+    assert found is None and left == [f"{donor.folder.name} (AutoAttack warned there, and in which batch was not kept)"]
+
+
+def test_sample_columns_are_the_records_columns(tmp_path):
+    res = run(RunConfig(**{**CFG, "n": 8, "attacks": ("pgd", "fgsm")}, out=str(tmp_path)), progress=False)
+    ev = Evaluation.from_config(RunConfig(**{**CFG, "n": 8, "attacks": ("pgd", "fgsm")}, out=str(tmp_path)))
+    assert list(pd.read_csv(res.folder / "samples.csv").columns) == ev.sample_columns()
+
+
+def test_code_changes_says_how_the_donors_code_differs():
+    from miarobust.results.reuse import code_changes
+
+    now = {"versions": {"torch": "2"}, "git_revision": "a" * 40, "source_sha256": "s"}
+    assert code_changes({"versions": {"torch": "2"}, "source_sha256": "s"}, now) == []
+    assert code_changes({"versions": {"torch": "1"}, "source_sha256": "s"}, now) == ["torch 1 -> 2"]
+    older = code_changes({"versions": {"torch": "2"}, "source_sha256": "t", "git_revision": "0" * 40}, now)
+    assert older[0] == "the package source differs" and "is not in this checkout" in older[1]
+    assert code_changes({"versions": {"torch": "2"}}, now) == ["code revision unknown (not made in a git checkout)"]

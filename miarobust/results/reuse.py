@@ -1,12 +1,19 @@
 """Growing a run (`miarobust run --reuse`): a new run starts from the finished batches of the same run at another n.
 
-Batch b of a run is a function of the run's identity, b and the batch's image range alone (store.py), so a finished
-run of the same request (every field but n, the same weights, attacks and EOT K) holds every batch whose image
-range is the same in both runs: all its full batches when the new run is larger. `--reuse` copies those batches'
-records and AutoAttack warnings into the new run's partial/ before it starts, instead of recomputing them; the
-checks still run on the whole new run. summary.json's `reused` names the run the batches came from and the code
-revision that made them: a donor made by other code gives that code's numbers, so reuse across revisions only
-where the model and the attacks did not change.
+Batch b of a run is a function of the run's identity, b and the batch's images alone (store.py), given the code
+that computes it. So a finished run of the same request (every field but n, the same weights, attacks, EOT K,
+device type and EOT chunk) holds every batch whose image range is the same in both runs: all its full batches
+when the new run is larger. `--reuse` copies those batches' records and AutoAttack warnings into the new run's
+partial/ before it starts, instead of recomputing them, after checking that the donor's images have the labels
+the data set has now and its records the columns this code writes; the checks still run on the whole new run.
+
+The code is the one thing a request does not fix. `--reuse same-code` takes a donor only where it was made by
+this code: the same library versions and the same package source (the hash of its files, recorded in
+config.json; for a donor that predates the hash, a git revision whose miarobust/ differs from this checkout in no
+file, committed or not). `--reuse any-code` also takes donors made by other code,
+for a user who has checked that what computes the batches did not change. Either way summary.json's `reused`
+names the donor, its revision and the package files that differ, and the message says which donors were left out
+and why.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +36,8 @@ from miarobust.results.store import CONFIG, PARTIAL, SAMPLES, SUMMARY, is_comple
 log = logging.getLogger(__name__)
 
 REUSED = "reused.json"  # in partial/: the batches copied from another run, until summary.json records them
+MODES = ("same-code", "any-code")
+PACKAGE = Path(__file__).resolve().parents[1]  # miarobust/
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +46,7 @@ class Donor:
     batches: list[int]  # the batches whose image ranges are the same in both runs
     warnings: dict[int, dict[str, list[str]]]  # AutoAttack's warnings per batch (none: {})
     git_revision: str | None
+    code_changes: list[str]  # how the code that made it differs from this one ([]: the same)
 
 
 def batch_range(b: int, batch_size: int, n: int) -> tuple[int, int]:
@@ -42,10 +54,11 @@ def batch_range(b: int, batch_size: int, n: int) -> tuple[int, int]:
 
 
 def same_request(cfg: RunConfig) -> dict[str, Any]:
-    """A run's identity without n: what a donor must share."""
+    """What a donor must share: the run's identity without n, and what the identity leaves out that still changes
+    the random draws of a stochastic model (the device type, the EOT chunk)."""
     key = cfg.identity()
     key.pop("n")
-    return key
+    return {**key, "device_type": cfg.device.split(":")[0], "eot_chunk": cfg.eot_chunk}
 
 
 def batch_warnings(summary: dict[str, Any], autoattack: bool) -> dict[int, dict[str, list[str]]] | None:
@@ -54,64 +67,105 @@ def batch_warnings(summary: dict[str, Any], autoattack: bool) -> dict[int, dict[
         return {int(b): w for b, w in summary["batch_warnings"].items()}
     if not autoattack:
         return {}
-    flags = summary.get("checks", {}).get("autoattack_flags", {})
+    flags = (summary.get("checks") or {}).get("autoattack_flags") or {}
     return {} if flags.get("status") == "pass" and flags.get("value") == [] else None
 
 
-def find_donor(folder: Path, cfg: RunConfig, resolved: Resolved, n: int, autoattack: bool) -> tuple[Donor | None, list[str]]:
-    """The finished run beside `folder` that holds the most of this run's batches (None: none does), and the runs
-    of the same request left out because their AutoAttack warnings were not kept per batch.
+def _git(*args: str) -> subprocess.CompletedProcess[str] | None:
+    try:
+        return subprocess.run(["git", *args], cwd=PACKAGE, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
 
-    autoattack: whether the run holds an AutoAttack attack (whose warnings check 6 reads per batch)."""
+
+def code_changes(environment: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """How the code recorded in a donor's config.json `environment` differs from `now` (this process's) ([]: the
+    same): library versions, and the package source, by its hash where both record one, else by the package files
+    git says changed since the donor's revision (committed or not)."""
+    was, is_ = environment.get("versions") or {}, now.get("versions") or {}
+    changes = [f"{k} {was.get(k)} -> {v}" for k, v in is_.items() if was.get(k) != v]
+    if environment.get("source_sha256") and now.get("source_sha256"):
+        if environment["source_sha256"] == now["source_sha256"]:
+            return changes
+        changes.append("the package source differs")
+    revision = environment.get("git_revision")
+    if not revision:
+        return [*changes, "code revision unknown (not made in a git checkout)"]
+    diff = _git("diff", "--name-only", revision, "--", ".")  # against the working tree: uncommitted edits count
+    if diff is None or diff.returncode != 0:
+        return [*changes, f"revision {revision[:12]} is not in this checkout"]
+    return changes + [f"{path} changed since {revision[:12]}" for path in diff.stdout.split()]
+
+
+def find_donor(folder: Path, cfg: RunConfig, resolved: Resolved, n: int, autoattack: bool, mode: str,
+               now: dict[str, Any]) -> tuple[Donor | None, list[str]]:
+    """The finished run beside `folder` that holds the most of this run's batches (None: none does), and the runs
+    of the same request left out, each with why.
+
+    autoattack: whether the run holds an AutoAttack attack (whose warnings check 6 reads per batch). mode:
+    same-code or any-code (the module docstring). now: this process's environment (results.summary.environment)."""
     key, bs = same_request(cfg), cfg.batch_size
     want = dataclasses.replace(resolved, checkpoint=None)  # the weights' hash decides, not where the file lay
     num = -(-n // bs)
     best: Donor | None = None
-    unattributed: list[str] = []
+    left: list[str] = []
     for other in sorted(p for p in folder.parent.iterdir() if p != folder and is_complete(p)):
         try:
             config = json.loads((other / CONFIG).read_text())
             record = RunRecord.read(config, other.name)
+            if same_request(record.requested) != key or dataclasses.replace(record.resolved, checkpoint=None) != want:
+                continue
             summary = json.loads((other / SUMMARY).read_text())
             m = int(summary["n"])
-        except (OSError, ValueError, KeyError, TypeError, UserError):
-            continue
-        if same_request(record.requested) != key or dataclasses.replace(record.resolved, checkpoint=None) != want:
-            continue
-        warnings = batch_warnings(summary, autoattack)
+            warnings = batch_warnings(summary, autoattack)
+            environment = config.get("environment") or {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError):
+            continue  # not a readable run folder: no donor
         if warnings is None:
-            unattributed.append(other.name)
+            left.append(f"{other.name} (AutoAttack warned there, and in which batch was not kept)")
+            continue
+        changes = code_changes(environment, now)
+        if changes and mode == "same-code":
+            left.append(f"{other.name} (made by other code: {'; '.join(changes[:3])}"
+                        f"{f'; {len(changes) - 3} more' if len(changes) > 3 else ''}; --reuse any-code takes it)")
             continue
         batches = [b for b in range(num) if b * bs < m and batch_range(b, bs, n) == batch_range(b, bs, m)]
         if batches and (best is None or len(batches) > len(best.batches)):
             best = Donor(other, batches, {b: w for b, w in warnings.items() if b in batches},
-                         config.get("environment", {}).get("git_revision"))
-    return best, unattributed
+                         environment.get("git_revision"), changes)
+    return best, left
 
 
-def copy_batches(folder: Path, donor: Donor, batch_size: int, n: int) -> int:
-    """Write the donor's batches into folder/partial/ (with reused.json); how many images they hold (0: none copied,
-    the donor's samples.csv did not hold every image of them)."""
+def copy_batches(folder: Path, donor: Donor, batch_size: int, n: int, columns: list[str],
+                 labels: Callable[[int], list[int]]) -> int:
+    """Write the donor's batches into folder/partial/ (reused.json first); how many images they hold. 0: nothing
+    copied, because the donor's samples.csv is unreadable, lacks an image of a batch, has other columns than this
+    code writes (`columns`) or other labels than the data set has now (`labels(b)`, batch b's)."""
     try:
         samples = pd.read_csv(donor.folder / SAMPLES)
-        index = samples["index"]
-    except (OSError, ValueError, KeyError) as e:  # a damaged donor is no donor
+        index = pd.to_numeric(samples["index"], errors="raise")
+    except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("%s: samples.csv unreadable (%s): nothing reused", donor.folder.name, e)
+        return 0
+    if list(samples.columns) != columns:
+        log.warning("%s: its samples.csv has other columns than this run writes: nothing reused", donor.folder.name)
         return 0
     files: dict[Path, bytes] = {}
     for b in donor.batches:
         lo, hi = batch_range(b, batch_size, n)
         rows = samples[(index >= lo) & (index < hi)].sort_values("index")
-        if rows["index"].tolist() != list(range(lo, hi)):
-            log.warning("%s lacks images %d-%d of its batch %d: nothing reused", donor.folder.name, lo, hi - 1, b)
+        if rows["index"].tolist() != list(range(lo, hi)) or rows["label"].tolist() != labels(b):
+            log.warning("%s: images %d-%d (its batch %d) are missing or labelled otherwise than the data set now: "
+                        "nothing reused", donor.folder.name, lo, hi - 1, b)
             return 0
         files[folder / PARTIAL / partial_name(b)] = csv_text(rows).encode()
         if donor.warnings.get(b):
             files[folder / PARTIAL / warnings_name(b)] = json_bytes(donor.warnings[b])
     images = sum(hi - lo for lo, hi in (batch_range(b, batch_size, n) for b in donor.batches))
-    files[folder / PARTIAL / REUSED] = json_bytes({"run": donor.folder.name, "batches": donor.batches,
-                                                   "images": images, "git_revision": donor.git_revision})
-    write_files(files)
+    record = {"run": donor.folder.name, "batches": donor.batches, "images": images,
+              "git_revision": donor.git_revision, "code_changes": donor.code_changes}
+    # the record first: a kill mid-way leaves it naming batches that the resumed run then computes (the same records)
+    write_files({folder / PARTIAL / REUSED: json_bytes(record), **files})
     return images
 
 

@@ -3,7 +3,10 @@ computed from samples.csv alone (every number in it is recomputable from the per
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import platform
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import pandas as pd
@@ -75,8 +78,19 @@ class Summary(TypedDict, total=False):
     checks_seconds: float
 
 
+@functools.cache
+def source_sha256() -> str:
+    """SHA-256 of the package's Python source (every miarobust/**/*.py with its path): the code that computed a run,
+    committed or not, in a checkout or installed."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def environment() -> dict[str, Any]:
-    """Package versions, git revision and machine, for config.json."""
+    """Package versions, git revision, the package source's hash and machine, for config.json."""
     import timm
     import torch
     import torchattacks
@@ -92,7 +106,8 @@ def environment() -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         versions["pyautoattack"] = None
     rev = git_revision()
-    return {"versions": versions, "git_revision": rev, "machine": platform.machine(), "threads": torch.get_num_threads()}
+    return {"versions": versions, "git_revision": rev, "source_sha256": source_sha256(), "machine": platform.machine(),
+            "threads": torch.get_num_threads()}
 
 
 def summarize(cfg: RunConfig, samples: pd.DataFrame, attacks: list[AttackInfo], draws: int, extra: dict[str, Any],
