@@ -107,22 +107,23 @@ def model_option(default: str | None) -> Any:
 @click.option("--reuse", type=click.Choice(["same-code", "any-code"]), default=None, help="Start from the batches of the same images in a finished run of the same request at another --n in --out, made by this code (same-code) or by any (copied, not recomputed; summary.json names it).")
 def run_cmd(**kw: Any) -> None:
     """Evaluate a model under attack; writes config.json, samples.csv, summary.json."""
-    from miarobust.distributed import distributed_context
+    from miarobust.distributed import RankStopped, distributed_context, stop_on_sigterm
 
     reuse = kw.pop("reuse")
     cfg = make_run_config(kw)
-    with distributed_context(cfg) as (rank, world):
+    with distributed_context(cfg) as (rank, world), stop_on_sigterm():  # kill (SIGTERM) is an interrupt
         from miarobust.evaluator import run
 
         try:
             res = run(cfg, progress=sys.stderr.isatty() or world == 1, rank=rank, world=world, reuse=reuse)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             partial = Path(cfg.out) / cfg.folder_name() / "partial"
             done = len(list(partial.glob("batch_*.csv")))
             if rank == 0:
-                click.echo(f"interrupted: {done} finished batches are kept in {partial}; run the same command again to "
-                           "resume." if done else "interrupted before any batch finished: nothing was written.", err=True)
-            sys.exit(130)
+                click.echo(f"{'stopped' if isinstance(e, RankStopped) else 'interrupted'}: {done} finished batches are "
+                           f"kept in {partial}; run the same command again to resume." if done else
+                           "interrupted before any batch finished: nothing was written.", err=True)
+            sys.exit(143 if isinstance(e, RankStopped) else 130)
         if rank == 0:
             click.echo(format_summary(res.folder, res.summary))
 
@@ -312,15 +313,12 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
              {"kd_weight": kd_weight, "teacher": teacher} if dynamic or fixed else {})
     cfg = TrainConfig(model=model, out=out, epochs=epochs or (4 if adaptive else 12), lr=lr or (5e-4 if adaptive else 1e-3),
                       budget=budget, extra=extra, **kw)
-    from miarobust.distributed import distributed_context
+    from miarobust.distributed import distributed_context, stop_on_sigterm
     from miarobust.results import missing_folders, remove_folders
 
     created = missing_folders(out)
-    with distributed_context(cfg) as (rank, world):  # under torchrun: one rank per process, train/ranks.py
-        if world > 1:
-            from miarobust.distributed import stop_on_sigterm
-
-            stop_on_sigterm()
+    # under torchrun: one rank per process, train/ranks.py; a kill (SIGTERM, torchrun's or a user's) is an interrupt
+    with distributed_context(cfg) as (rank, world), stop_on_sigterm():
         try:
             if mia:
                 from miarobust.train.mia import train_mia

@@ -54,17 +54,23 @@ def distributed_context(cfg: Any) -> Iterator[tuple[int, int]]:
 
 
 class RankStopped(KeyboardInterrupt):
-    """torchrun's SIGTERM: it stops every rank when one fails or is killed."""
+    """SIGTERM: torchrun's, which stops every rank when one fails or is killed, or a user's `kill`."""
 
 
-def stop_on_sigterm() -> None:
-    """Turn SIGTERM into RankStopped, so a rank that torchrun stops says why in one line instead of vanishing."""
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Within: SIGTERM raises RankStopped, so a process that torchrun or `kill` stops cleans up and says why in one
+    line instead of vanishing (the handler before is restored after)."""
     import signal
 
     def stop(signum: int, frame: Any) -> None:
         raise RankStopped
 
-    signal.signal(signal.SIGTERM, stop)
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def lost_a_rank(e: BaseException) -> bool:

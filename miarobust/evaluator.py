@@ -294,9 +294,13 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
                     copied = start_from_donor(folder, cfg, ev, resolved, reuse, progress) if reuse else 0
             except Exception as e:  # noqa: BLE001  (raised below, once the other ranks are told)
                 state, message, failure = "failed", str(e), e
+            except BaseException:  # interrupted while setting up: what it created goes
+                remove_if_nothing_finished(folder, created)
+                raise
         if world > 1:
             state, message = _broadcast((state, message))
         if failure is not None:
+            remove_if_nothing_finished(folder, created)
             raise failure
         if state == "failed":
             raise UserError(message)

@@ -149,7 +149,7 @@ def long_reference(tmp_path_factory) -> bytes:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "SIGINT", "SIGTERM"])
 def test_killed_process_resumes_byte_identical(cli, tmp_path, sig, long_reference):
     """A real `miarobust run` killed after its first batch; the same command again finishes it, byte-identical.
 
@@ -174,9 +174,10 @@ def test_killed_process_resumes_byte_identical(cli, tmp_path, sig, long_referenc
             os.kill(proc.pid, signal.SIGKILL)
     kept = list((folder / "partial").glob("batch_*.csv"))
     assert 1 <= len(kept) < 24 and not (folder / "samples.csv").exists()
-    if sig == signal.SIGINT:
-        assert proc.returncode == 130
-        assert f"interrupted: {len(kept)} finished batches are kept in {folder / 'partial'}; run the same command " \
+    if sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a kill: the same cleanup and message
+        assert proc.returncode == (130 if sig == signal.SIGINT else 143)
+        said = "interrupted" if sig == signal.SIGINT else "stopped"
+        assert f"{said}: {len(kept)} finished batches are kept in {folder / 'partial'}; run the same command " \
                "again to resume." in err
         assert "Traceback" not in err
     else:
