@@ -33,6 +33,7 @@ from typing import NamedTuple
 import pandas as pd
 
 from miarobust.stats import holm, mcnemar_p, paired_mean_diff, wilson
+from miarobust.values import REUSE_MODES
 
 B07 = ["--model", "mia_vit_fmnist", "--checkpoint", "mia_vit_fmnist_b07"]
 LAT = ["--model", "mia_vit_fmnist"]  # its default weights, mia_vit_fmnist_lat076
@@ -215,7 +216,7 @@ def main() -> None:
                     "smaller batches save progress more often on slow cells")
     ap.add_argument("--out", default="results/adaptive")
     ap.add_argument("--worst-out", default="results/worst")
-    ap.add_argument("--reuse", choices=["same-code", "any-code"], default=None, help="grow each cell from a finished "
+    ap.add_argument("--reuse", choices=REUSE_MODES, default=None, help="grow each cell from a finished "
                     "run of it at another --n (`miarobust run --reuse`): the batches of the same images are copied")
     ap.add_argument("--rows", default=None, help="regular expression: run only the matching rows (several processes "
                     "can share the grid); the tables show them all")

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from miarobust.errors import UserError
-from miarobust.values import NORMS, PRECISIONS
+from miarobust.values import NORMS, PRECISIONS, REUSE_MODES
 
 MODELS = ("mia_vit_fmnist", "vit_fmnist", "deit_t", "deit_s", "deit_b", "mia_deit_t", "mia_deit_s", "mia_deit_b")
 
@@ -104,7 +104,7 @@ def model_option(default: str | None) -> Any:
 @click.option("--checks", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Sanity checks of the evaluation (auto: all on small runs, a cheap subset otherwise).")
 @click.option("--out", default="runs", show_default=True, help="Folder that receives the run folder (runs/ is git-ignored; results/ holds the repository's committed runs).")
-@click.option("--reuse", type=click.Choice(["same-code", "any-code"]), default=None, help="Start from the batches of the same images in a finished run of the same request at another --n in --out, made by this code (same-code) or by any (copied, not recomputed; summary.json names it).")
+@click.option("--reuse", type=click.Choice(REUSE_MODES), default=None, help="Start from the batches of the same images in a finished run of the same request at another --n in --out, made by this code (same-code) or by any (copied, not recomputed; summary.json names it).")
 def run_cmd(**kw: Any) -> None:
     """Evaluate a model under attack; writes config.json, samples.csv, summary.json."""
     from miarobust.distributed import RankStopped, distributed_context, stop_on_sigterm

@@ -44,22 +44,24 @@ from miarobust.results import (
     write_files,
     write_json,
 )
-from miarobust.results.reuse import MODES as REUSE_MODES
 from miarobust.results.reuse import copy_batches, find_donor, reused_record
 from miarobust.results.store import (
     FolderLock,
+    batch_range,
     batch_seed,
     batches_done,
     batches_todo,
     check_same_weights,
     is_complete,
     merge_partials,
+    num_batches,
     partial_name,
     read_config,
     remove_if_nothing_finished,
     warnings_name,
 )
 from miarobust.results.summary import environment, summarize
+from miarobust.values import REUSE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +151,7 @@ class Evaluation:
         if self.victim.stochastic and cfg.eot is None and "adaptive" in cfg.attacks:
             self.acfg = replace(acfg, eot=self.preset_eot())
         self.attack_fns = [build_attack(info, self.victim, self.acfg) for info in self.attacks]
-        self.num_batches = (self.n + cfg.batch_size - 1) // cfg.batch_size
+        self.num_batches = num_batches(self.n, cfg.batch_size)
         # per batch, the warnings of AutoAttack's own checks by attack (kept in partial/ beside the batch's
         # records, so a resumed or distributed run judges every batch, not just this process's)
         self.warnings: dict[int, dict[str, list[str]]] = {}
@@ -183,7 +185,7 @@ class Evaluation:
     # -- one batch --------------------------------------------------------------------------------------
     def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images, labels and data-set indices of batch b."""
-        lo, hi = b * self.cfg.batch_size, min((b + 1) * self.cfg.batch_size, self.n)
+        lo, hi = batch_range(b, self.cfg.batch_size, self.n)
         items = [self.dataset[i] for i in range(lo, hi)]
         x = torch.stack([it[0] for it in items]).float()  # a user's data set may hold float64 or half images
         y = torch.tensor([it[1] for it in items], dtype=torch.long)
@@ -290,8 +292,9 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
                                         weights_sha256=weights,
                                         attacks=tuple(i.name for i in ev.attacks), eot=ev.acfg.eot,
                                         gate_grad={i.name: i.gate_grad for i in ev.attacks})
-                    write_json(folder / CONFIG, RunRecord(cfg, resolved).to_json(environment()))
-                    copied = start_from_donor(folder, cfg, ev, resolved, reuse, progress) if reuse else 0
+                    env = environment()
+                    write_json(folder / CONFIG, RunRecord(cfg, resolved).to_json(env))
+                    copied = start_from_donor(folder, cfg, ev, resolved, reuse, env, progress) if reuse else 0
             except Exception as e:  # noqa: BLE001  (raised below, once the other ranks are told)
                 state, message, failure = "failed", str(e), e
             except BaseException:  # interrupted while setting up: what it created goes
@@ -347,9 +350,10 @@ def run(cfg: RunConfig, progress: bool = True, rank: int = 0, world: int = 1, ev
         return RunResult(folder, finish(cfg, ev, folder, time.time() - started))
 
 
-def start_from_donor(folder: Path, cfg: RunConfig, ev: Evaluation, resolved: Resolved, mode: str, progress: bool) -> int:
-    """--reuse MODE: copy into a run that has no batch yet the batches a finished run of the same request holds;
-    returns how many images they hold."""
+def start_from_donor(folder: Path, cfg: RunConfig, ev: Evaluation, resolved: Resolved, mode: str,
+                     env: dict[str, Any], progress: bool) -> int:
+    """--reuse MODE: copy into a run that has no batch yet the batches a finished run of the same request holds
+    (env: this process's environment, as config.json records it); returns how many images they hold."""
     from tqdm.auto import tqdm
 
     if mode not in REUSE_MODES:
@@ -357,7 +361,7 @@ def start_from_donor(folder: Path, cfg: RunConfig, ev: Evaluation, resolved: Res
     if batches_done(folder) or reused_record(folder) is not None:
         return 0  # resumed: what it reused (if anything) is in partial/ already
     autoattack = any(hasattr(fn, "warnings") for fn in ev.attack_fns)
-    donor, left = find_donor(folder, cfg, resolved, ev.n, autoattack, mode, environment())
+    donor, left = find_donor(folder, cfg, resolved, ev.n, autoattack, mode, env)
     images = 0
     if donor is not None:
         images = copy_batches(folder, donor, cfg.batch_size, ev.n, ev.sample_columns(),

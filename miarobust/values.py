@@ -19,6 +19,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 #: the norms of the threat model: the ball's radius is measured per pixel (Linf) or over the whole image (L2)
 NORMS = ("Linf", "L2")
 
+#: `run --reuse`: take a finished run's batches only where this code made them, or whatever code did (results/reuse.py)
+REUSE_MODES = ("same-code", "any-code")
+
 
 def parse_norm(norm: str) -> str:
     """`norm` if it is one of NORMS, else a UserError naming them."""

@@ -31,12 +31,21 @@ import pandas as pd
 from miarobust.config import Resolved, RunConfig, RunRecord
 from miarobust.errors import UserError
 from miarobust.results.io import csv_text, json_bytes, write_files
-from miarobust.results.store import CONFIG, PARTIAL, SAMPLES, SUMMARY, is_complete, partial_name, warnings_name
+from miarobust.results.store import (
+    CONFIG,
+    PARTIAL,
+    SAMPLES,
+    SUMMARY,
+    batch_range,
+    is_complete,
+    num_batches,
+    partial_name,
+    warnings_name,
+)
 
 log = logging.getLogger(__name__)
 
 REUSED = "reused.json"  # in partial/: the batches copied from another run, until summary.json records them
-MODES = ("same-code", "any-code")
 PACKAGE = Path(__file__).resolve().parents[1]  # miarobust/
 
 
@@ -47,10 +56,6 @@ class Donor:
     warnings: dict[int, dict[str, list[str]]]  # AutoAttack's warnings per batch (none: {})
     git_revision: str | None
     code_changes: list[str]  # how the code that made it differs from this one ([]: the same)
-
-
-def batch_range(b: int, batch_size: int, n: int) -> tuple[int, int]:
-    return b * batch_size, min((b + 1) * batch_size, n)
 
 
 def same_request(cfg: RunConfig) -> dict[str, Any]:
@@ -106,7 +111,6 @@ def find_donor(folder: Path, cfg: RunConfig, resolved: Resolved, n: int, autoatt
     same-code or any-code (the module docstring). now: this process's environment (results.summary.environment)."""
     key, bs = same_request(cfg), cfg.batch_size
     want = dataclasses.replace(resolved, checkpoint=None)  # the weights' hash decides, not where the file lay
-    num = -(-n // bs)
     best: Donor | None = None
     left: list[str] = []
     for other in sorted(p for p in folder.parent.iterdir() if p != folder and is_complete(p)):
@@ -129,7 +133,7 @@ def find_donor(folder: Path, cfg: RunConfig, resolved: Resolved, n: int, autoatt
             left.append(f"{other.name} (made by other code: {'; '.join(changes[:3])}"
                         f"{f'; {len(changes) - 3} more' if len(changes) > 3 else ''}; --reuse any-code takes it)")
             continue
-        batches = [b for b in range(num) if b * bs < m and batch_range(b, bs, n) == batch_range(b, bs, m)]
+        batches = [b for b in range(num_batches(n, bs)) if b * bs < m and batch_range(b, bs, n) == batch_range(b, bs, m)]
         if batches and (best is None or len(batches) > len(best.batches)):
             best = Donor(other, batches, {b: w for b, w in warnings.items() if b in batches},
                          environment.get("git_revision"), changes)

@@ -27,6 +27,16 @@ from miarobust.results.io import remove_folders
 CONFIG, SAMPLES, SUMMARY, PARTIAL = "config.json", "samples.csv", "summary.json", "partial"
 
 
+def num_batches(n: int, batch_size: int) -> int:
+    """How many batches n images make."""
+    return -(-n // batch_size)
+
+
+def batch_range(b: int, batch_size: int, n: int) -> tuple[int, int]:
+    """The image indices [lo, hi) of batch b of a run of n images."""
+    return b * batch_size, min((b + 1) * batch_size, n)
+
+
 def batch_seed(seed: int, batch: int) -> int:
     """The seed of batch `batch`: independent of the batches before it."""
     return (seed * 1_000_003 + batch * 7919 + 12345) % (2**63 - 1)
