@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import astuple, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from miarobust.attacks import AttackConfig, Victim, build_attack, get_attack
 from miarobust.attacks.threat import ThreatModel
 from miarobust.errors import UserError
 from miarobust.evaluator import Evaluation, RunConfig, RunResult, run
+from miarobust.models.normalize import resolve
 from miarobust.values import Eps, parse_norm
 
 
@@ -50,7 +51,8 @@ def evaluate(model: str | nn.Module, *, attack: str | Sequence[str] = "pgd", eps
 
     model: a registered name (`miarobust list`), or any nn.Module taking (B, C, H, W) images: normalised by
       `mean`/`std` if given, else by its timm `pretrained_cfg`, else fed [0, 1] pixels; `input_size` (C, H, W)
-      where it has no pretrained_cfg. Its folder is named after its class and the SHA-256 of its state_dict.
+      where it has no pretrained_cfg. Its folder is named after its class and a SHA-256 of what it sees: its
+      state_dict, the mean/std applied and the input size (the same weights normalised otherwise are another run).
     data: a data set's name (`miarobust list datasets`), or, for an nn.Module, images and labels of one's own: a
       pair of tensors (N, C, H, W) in [0, 1] and (N,) class indices, or a torch Dataset of such (image, label)
       pairs (named in the folder by the SHA-256 of the first n images and labels).
@@ -81,12 +83,13 @@ def evaluate(model: str | nn.Module, *, attack: str | Sequence[str] = "pgd", eps
         dataset, sha_data, top_label = own_data(data, geometry, n)
         name = f"{'tensors' if isinstance(data, tuple) else type(data).__name__}-{sha_data[:10]}"
     sha = state_sha256(model)
-    cfg = RunConfig.with_eps(eps, model=f"{type(model).__name__}-{sha[:10]}", attacks=attacks, data=name, n=n,
+    mean, std = resolve(model, mean, std)
+    seen = hashlib.sha256(f"{sha};mean={mean};std={std};input={astuple(geometry)}".encode()).hexdigest()
+    cfg = RunConfig.with_eps(eps, model=f"{type(model).__name__}-{seen[:10]}", attacks=attacks, data=name, n=n,
                              out=str(Path(out)), **options)
     if dataset is None:
         dataset = load_dataset(cfg.data, geometry, cfg.data_root, cfg.split)
-    ev = Evaluation(cfg, model, dataset, geometry, tuple(mean) if mean is not None else None,
-                    tuple(std) if std is not None else None)
+    ev = Evaluation(cfg, model, dataset, geometry, mean, std)
     if top_label is not None and top_label >= ev.num_classes:
         raise UserError(f"data has label {top_label} but the model outputs {ev.num_classes} classes (0 to "
                         f"{ev.num_classes - 1}): pass labels of the model's classes.")
@@ -151,7 +154,7 @@ class Attack:
 
         self.cfg = AttackConfig(norm=parse_norm(norm), eps=Eps.parse(eps).value, **options)
         self.info = get_attack(name, self.cfg)
-        wrapped = Normalized(model, tuple(mean) if mean is not None else None, tuple(std) if std is not None else None)
+        wrapped = Normalized(model, mean, std)
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
         self.victim = Victim(wrapped.to(device).eval(), adaptive_core(model), device)

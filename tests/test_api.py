@@ -100,6 +100,12 @@ def test_any_module_gets_macs_and_a_named_folder(tmp_path: Path) -> None:
     assert result.folder.name.startswith("Sequential-") and result.summary["n"] == 10
     again = miarobust.evaluate(net, attack="fgsm", eps=0.1, n=10, checks="off", input_size=(1, 28, 28), out=str(tmp_path))
     assert again.folder == result.folder  # same weights, same folder: complete already
+    as_given = miarobust.evaluate(net, attack="fgsm", eps=0.1, n=10, checks="off", input_size=(1, 28, 28),
+                                  mean=(0.0,), std=(1.0,), out=str(tmp_path))
+    assert as_given.folder == result.folder  # the normalisation it had by default, spelled out: the same run
+    other = miarobust.evaluate(net, attack="fgsm", eps=0.1, n=10, checks="off", input_size=(1, 28, 28),
+                               mean=(0.5,), std=(0.25,), out=str(tmp_path))
+    assert other.folder != result.folder  # the same weights fed other inputs: another run, not a resume
     with torch.no_grad():
         net[1].bias += 1
     assert miarobust.evaluate(net, attack="fgsm", eps=0.1, n=10, checks="off", input_size=(1, 28, 28),

@@ -8,6 +8,15 @@ import torch
 from torch import nn
 
 
+def resolve(model: nn.Module, mean: Sequence[float] | None = None,
+            std: Sequence[float] | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std `Normalized` applies: those given, else the model's timm pretrained_cfg's, else 0 and 1."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = mean if mean is not None else cfg.get("mean", (0.0,))
+    std = std if std is not None else cfg.get("std", (1.0,))
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
 class Normalized(nn.Module):
     """`model((x - mean) / std)` for x in [0, 1] of shape (B, C, H, W); mean/std from the model's timm cfg.
 
@@ -18,9 +27,7 @@ class Normalized(nn.Module):
     def __init__(self, model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  autocast: torch.dtype | None = None):
         super().__init__()
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        mean = mean if mean is not None else cfg.get("mean", (0.0,))
-        std = std if std is not None else cfg.get("std", (1.0,))
+        mean, std = resolve(model, mean, std)
         self.model = model
         self.autocast = autocast
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
