@@ -65,6 +65,11 @@ from miarobust.values import REUSE_MODES
 
 log = logging.getLogger(__name__)
 
+#: the columns of a run's per-image records: the clean ones, then these per attack (`<attack>_pred`, ...), then
+#: `robust` (the worst case over the attacks)
+CLEAN_COLUMNS = ("index", "label", "clean_pred", "clean_correct", "clean_gmacs")
+ATTACK_COLUMNS = ("pred", "adv_correct", "correct", "gmacs", "linf", "l2", "dist")
+
 
 class Evaluation:
     """One run: a model, a data set, attacks and a threat model, evaluated batch by batch.
@@ -214,9 +219,8 @@ class Evaluation:
 
     def sample_columns(self) -> list[str]:
         """The columns of run_batch's records, in order."""
-        per_attack = ("pred", "adv_correct", "correct", "gmacs", "linf", "l2", "dist")
-        attacked = [f"{i.name}_{c}" for i in self.attacks if i.name != "none" for c in per_attack]
-        return ["index", "label", "clean_pred", "clean_correct", "clean_gmacs", *attacked, "robust"]
+        attacked = [f"{i.name}_{c}" for i in self.attacks if i.name != "none" for c in ATTACK_COLUMNS]
+        return [*CLEAN_COLUMNS, *attacked, "robust"]
 
     def run_batch(self, b: int) -> pd.DataFrame:
         """Per-sample records of batch b (the threat model is checked before anything counts)."""
@@ -224,8 +228,7 @@ class Evaluation:
         x, y, idx = self.batch(b)
         x, y = x.to(self.device), y.to(self.device)
         clean = self.predict(x, y)
-        rec: dict[str, Any] = {"index": idx.numpy(), "label": y.cpu().numpy(), "clean_pred": clean["pred"].cpu().numpy(),
-                               "clean_correct": clean["correct"].cpu().numpy(), "clean_gmacs": clean["gmacs"].cpu().numpy()}
+        rec: dict[str, Any] = _columns(CLEAN_COLUMNS, (idx, y, clean["pred"], clean["correct"], clean["gmacs"]))
         worst = clean["correct"].clone()
         warned: dict[str, list[str]] = {}
         for info, fn in zip(self.attacks, self.attack_fns):
@@ -238,18 +241,19 @@ class Evaluation:
                 warned[info.name] = fn.warnings[before:]
             dist = self.threat.check(x, x_adv, info.name)
             adv = self.predict(x_adv, y)
-            a = info.name
-            rec[f"{a}_pred"] = adv["pred"].cpu().numpy()
-            rec[f"{a}_adv_correct"] = adv["correct"].cpu().numpy()
-            rec[f"{a}_correct"] = torch.minimum(adv["correct"], clean["correct"]).cpu().numpy()
-            rec[f"{a}_gmacs"] = adv["gmacs"].cpu().numpy()
-            rec[f"{a}_linf"] = (x_adv - x).flatten(1).abs().amax(1).cpu().numpy()
-            rec[f"{a}_l2"] = (x_adv - x).flatten(1).norm(dim=1).cpu().numpy()
-            rec[f"{a}_dist"] = dist.cpu().numpy()
+            delta = (x_adv - x).flatten(1)
+            values = (adv["pred"], adv["correct"], torch.minimum(adv["correct"], clean["correct"]), adv["gmacs"],
+                      delta.abs().amax(1), delta.norm(dim=1), dist)
+            rec.update(_columns([f"{info.name}_{c}" for c in ATTACK_COLUMNS], values))
             worst = torch.minimum(worst, adv["correct"])
         rec["robust"] = worst.cpu().numpy()
         self.warnings[b] = warned
         return pd.DataFrame(rec)
+
+
+def _columns(names, tensors) -> dict[str, Any]:
+    """Records' columns: each name with its tensor as a numpy array."""
+    return {name: t.cpu().numpy() for name, t in zip(names, tensors, strict=True)}
 
 
 @dataclass
