@@ -17,6 +17,7 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -251,7 +252,7 @@ class Evaluation:
         return pd.DataFrame(rec)
 
 
-def _columns(names, tensors) -> dict[str, Any]:
+def _columns(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> dict[str, Any]:
     """Records' columns: each name with its tensor as a numpy array."""
     return {name: t.cpu().numpy() for name, t in zip(names, tensors, strict=True)}
 
