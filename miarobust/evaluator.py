@@ -220,7 +220,7 @@ class Evaluation:
 
     def sample_columns(self) -> list[str]:
         """The columns of run_batch's records, in order."""
-        attacked = [f"{i.name}_{c}" for i in self.attacks if i.name != "none" for c in ATTACK_COLUMNS]
+        attacked = [c for i in self.attacks if i.name != "none" for c in attack_columns(i.name)]
         return [*CLEAN_COLUMNS, *attacked, "robust"]
 
     def run_batch(self, b: int) -> pd.DataFrame:
@@ -245,11 +245,16 @@ class Evaluation:
             delta = (x_adv - x).flatten(1)
             values = (adv["pred"], adv["correct"], torch.minimum(adv["correct"], clean["correct"]), adv["gmacs"],
                       delta.abs().amax(1), delta.norm(dim=1), dist)
-            rec.update(_columns([f"{info.name}_{c}" for c in ATTACK_COLUMNS], values))
+            rec.update(_columns(attack_columns(info.name), values))
             worst = torch.minimum(worst, adv["correct"])
         rec["robust"] = worst.cpu().numpy()
         self.warnings[b] = warned
         return pd.DataFrame(rec)
+
+
+def attack_columns(attack: str) -> list[str]:
+    """The record columns of one attack: `<attack>_pred`, `<attack>_adv_correct`, ..."""
+    return [f"{attack}_{c}" for c in ATTACK_COLUMNS]
 
 
 def _columns(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> dict[str, Any]:
