@@ -324,6 +324,20 @@ def test_autoattack_flags_zero_gradients(templates: torch.Tensor) -> None:
         assert checks.autoattack_flags(ev)["status"] == status
 
 
+def test_autoattack_flags_counts_every_warning_batch_by_batch(templates: torch.Tensor) -> None:
+    """Warnings are kept batch by batch, not merged by their text: the same Square warning in two batches
+    counts twice, and the message adds up the images Square broke from each batch's share."""
+    ev = planted(Regions(templates), "apgd-ce", eps=0.3, n=12, batch_size=8)  # batches of 8 and 4 images
+    square = "Square Attack has decreased the robust accuracy of {:.2f}%. This might indicate ..."
+    ev.warnings = {0: {"apgd-ce": [square.format(25)]}, 1: {"apgd-ce": [square.format(25), "output range odd"]}}
+    r = checks.autoattack_flags(ev)
+    assert r["status"] == "flag", r
+    assert r["value"] == [f"apgd-ce, batch 0: {square.format(25)}", f"apgd-ce, batch 1: {square.format(25)}",
+                          "apgd-ce, batch 1: output range odd"], r
+    assert "apgd-ce: Square broke 3 images the attacks before it had left robust, in 2 of 2 batches" in r["message"]
+    assert "apgd-ce: output range odd" in r["message"] and "unreliable" in r["message"], r
+
+
 class NoisyOutputs(Regions):
     """Regions whose logits carry fresh noise on every forward: AutoAttack's randomness check sees it."""
 

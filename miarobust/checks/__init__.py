@@ -48,6 +48,7 @@ reference) attacks only the images the earlier ones left robust.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ from miarobust.checks.base import (
 )
 from miarobust.checks.reruns import eot_convergence, large_eps, more_steps, slowdown_steps, square_vs_white_box
 from miarobust.results import batch_seed
+from miarobust.results.store import batch_range
 from miarobust.stats import wilson
 
 __all__ = ["ACCURACY_RERUNS", "CHANCE_SLACK", "CHECKS", "LARGE_EPS", "LEVEL", "RANDOMNESS_WARNING", "SLOWDOWN", "SQUARE",
@@ -170,23 +172,53 @@ def autoattack_flags(ev: Any, autoattack_runs: Sequence[AutoAttackRun] = ()) -> 
     On a stochastic model attacked through EOT (K >= 2 gate draws per gradient) AutoAttack's randomness
     warning is expected, not a flag: the model is random by design, the attack averages over its draws, and
     check 5 judges whether K draws are enough. Without EOT it flags, as AutoAttack advises."""
-    runs = [AutoAttackRun(info.name, info.eot(ev.acfg), [w for batch in ev.warnings.values()
-                                                         for w in batch.get(info.name, [])])
+    # (attack, EOT K, [(batch, warning)]): the run's attacks batch by batch, the checks' reruns as one batch
+    runs = [(info.name, info.eot(ev.acfg), [(b, w) for b, batch in sorted(ev.warnings.items())
+                                            for w in batch.get(info.name, [])])
             for info, fn in zip(ev.attacks, ev.attack_fns) if hasattr(fn, "warnings")]
-    runs += [r._replace(attack=f"{r.attack} (sanity check)") for r in autoattack_runs]
+    runs += [(f"{r.attack} (sanity check)", r.eot, [(None, w) for w in r.warnings]) for r in autoattack_runs]
     if not runs:
         return result("skip", None, "no AutoAttack attack in this run or its checks")
-    warned, expected = set(), set()
-    for r in runs:
-        for w in r.warnings:
-            (expected if expected_warning(w, r.eot, ev.victim.stochastic) else warned).add(f"{r.attack}: {w}")
-    where = ", ".join(dict.fromkeys(r.attack for r in runs))
+    warned: list[tuple[str, int | None, str]] = []  # every warning, batch by batch: nothing merged away
+    expected: list[str] = []
+    for attack, eot, warnings in runs:
+        for b, w in warnings:
+            if expected_warning(w, eot, ev.victim.stochastic):
+                expected.append(f"{attack}: {w}")
+            else:
+                warned.append((attack, b, w))
+    where = ", ".join(dict.fromkeys(attack for attack, _, _ in runs))
     if warned:
-        return result("flag", sorted(warned)[:5], "AutoAttack's checks warned: " + " | ".join(sorted(warned)[:3]))
+        value = [f"{a}{'' if b is None else f', batch {b}'}: {w}" for a, b, w in warned]
+        return result("flag", value, "AutoAttack's checks warned: " + _warnings_summary(ev, warned))
     if expected:
-        return result("pass", sorted(expected), f"AutoAttack's checks ({where}) raised only its randomness warning, "
-                      "expected here: the attack averages the stochastic gates through EOT (check 5 judges K)")
+        return result("pass", sorted(set(expected)), f"AutoAttack's checks ({where}) raised only its randomness "
+                      "warning, expected here: the attack averages the stochastic gates through EOT (check 5 judges K)")
     return result("pass", [], f"AutoAttack's checks ({where}) raised no warning")
+
+
+SQUARE_SUCCESS = re.compile(r"Square Attack has decreased the robust accuracy of ([\d.]+)%")
+
+
+def _warnings_summary(ev: Any, warned: list[tuple[str, int | None, str]]) -> str:
+    """AutoAttack's warnings in a few words, counted over batches: how many images its Square broke that the
+    attacks before it had left robust (each warning gives a share of its batch), then each other warning once,
+    with its count."""
+    square: dict[str, list[int]] = {}
+    other: dict[tuple[str, str], int] = {}
+    for attack, b, w in warned:
+        m = SQUARE_SUCCESS.search(w)
+        if m and b is not None:
+            lo, hi = batch_range(b, ev.cfg.batch_size, ev.n)
+            square.setdefault(attack, []).append(round(float(m.group(1)) / 100 * (hi - lo)))
+        else:
+            other[attack, w] = other.get((attack, w), 0) + 1
+    parts = [f"{a}: Square broke {sum(k)} image{'s' if sum(k) != 1 else ''} the attacks before it had left robust, in "
+             f"{len(k)} of {ev.num_batches} batches" for a, k in square.items()]
+    parts += [f"{a}: {w}" + (f" ({k} times)" if k > 1 else "") for (a, w), k in other.items()]
+    advice = (" (AutoAttack: its evaluation may be unreliable; run Square with more queries, another seed or an "
+              "adaptive attack)") if square else ""
+    return " | ".join(parts) + advice
 
 
 def run_checks(cfg: Any, ev: Any, samples: pd.DataFrame, summary: dict[str, Any]) -> dict[str, Any]:
