@@ -308,7 +308,8 @@ def test_reuse_takes_only_the_same_request(tmp_path, monkeypatch, capsys, other)
 
 
 def test_reuse_skips_a_donor_whose_autoattack_warnings_have_no_batch():
-    """A finished run that predates per-batch warnings: reusable only if AutoAttack warned nowhere."""
+    """A finished run that predates per-batch warnings: reusable only if check 6 passed (AutoAttack warned nowhere,
+    or only its randomness warning, expected on stochastic gates through EOT)."""
     from miarobust.results.reuse import batch_warnings
 
     kept = {"batch_warnings": {"1": {"autoattack": ["w"]}}}
@@ -316,6 +317,9 @@ def test_reuse_skips_a_donor_whose_autoattack_warnings_have_no_batch():
     assert batch_warnings({}, autoattack=False) == {}
     clean = {"checks": {"autoattack_flags": {"status": "pass", "value": []}}}
     assert batch_warnings(clean, autoattack=True) == {}
+    expected = {"checks": {"autoattack_flags": {"status": "pass", "value": [
+        'autoattack: it seems to be a randomized defense! Please use version="rand".']}}}  # stochastic gates, EOT
+    assert batch_warnings(expected, autoattack=True) == {}
     for warned in ({"checks": {"autoattack_flags": {"status": "flag", "value": ["autoattack: w"]}}}, {"checks": {}},
                    {"checks": None}):
         assert batch_warnings(warned, autoattack=True) is None
