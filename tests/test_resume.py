@@ -328,6 +328,7 @@ def test_reuse_skips_a_donor_whose_autoattack_warnings_have_no_batch():
 def test_reuse_leaves_out_other_code_other_labels_and_damaged_donors(tmp_path):
     """A donor is taken only if it was made by this code (same-code; any-code takes it, naming the difference), its
     images carry the labels the data set has now and its samples.csv is readable; each one left out is named."""
+    import dataclasses
     import json
 
     from miarobust.config import RunRecord
@@ -348,6 +349,12 @@ def test_reuse_leaves_out_other_code_other_labels_and_damaged_donors(tmp_path):
     assert copy_batches(new, found, 8, 24, ev.sample_columns(), lambda b: [9] * 8) == 0  # other labels
     assert copy_batches(new, found, 8, 24, ev.sample_columns()[:-1], labels) == 0  # other columns
     assert not (new / "partial").exists()
+    for otherwise, said in (({"eot": 8}, "EOT K None there, 8 here"),  # the adaptive preset's probe chose another K
+                            ({"weights_sha256": "f" * 64}, f"there, {'f' * 12} here")):  # the checkpoint changed since
+        found, left = find_donor(new, grown, dataclasses.replace(resolved, **otherwise), 24, autoattack=True,
+                                 mode="same-code", now=now)
+        assert found is None and len(left) == 1 and "the same request resolved otherwise there" in left[0]
+        assert left[0].startswith(donor.folder.name) and said in left[0]
 
     config["environment"]["versions"]["torch"] = "0.0.1"  # made by other code
     (donor.folder / "config.json").write_text(json.dumps(config))

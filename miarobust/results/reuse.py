@@ -105,6 +105,21 @@ def code_changes(environment: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return changes + [f"{path} changed since {revision[:12]}" for path in diff.stdout.split()]
 
 
+def _resolved_differences(there: Resolved, here: Resolved) -> list[str]:
+    """How a donor's resolution of the same request differs from this run's, the weights' file aside ([]: not at
+    all): other weights (the checkpoint changed since), another preset expansion, or another EOT K (the adaptive
+    preset probes K on the run's own images, so a grown run can need more draws than its first images did)."""
+    labels = {"weights_sha256": "weights sha256", "gate_mode": "gate mode", "eot": "EOT K",
+              "gate_grad": "gradient through the gates"}
+    out = []
+    for f in (f.name for f in dataclasses.fields(Resolved) if f.name != "checkpoint"):
+        a, b = getattr(there, f), getattr(here, f)
+        if a != b:
+            a, b = (v[:12] if f == "weights_sha256" and v else v for v in (a, b))
+            out.append(f"{labels.get(f, f)} {a} there, {b} here")
+    return out
+
+
 def find_donor(folder: Path, cfg: RunConfig, resolved: Resolved, n: int, autoattack: bool, mode: str,
                now: dict[str, Any]) -> tuple[Donor | None, list[str]]:
     """The finished run beside `folder` that holds the most of this run's batches (None: none does), and the runs
@@ -113,14 +128,17 @@ def find_donor(folder: Path, cfg: RunConfig, resolved: Resolved, n: int, autoatt
     autoattack: whether the run holds an AutoAttack attack (whose warnings check 6 reads per batch). mode:
     same-code or any-code (the module docstring). now: this process's environment (results.summary.environment)."""
     key, bs = same_request(cfg), cfg.batch_size
-    want = dataclasses.replace(resolved, checkpoint=None)  # the weights' hash decides, not where the file lay
     best: Donor | None = None
     left: list[str] = []
     for other in sorted(p for p in folder.parent.iterdir() if p != folder and is_complete(p)):
         try:
             config = json.loads((other / CONFIG).read_text())
             record = RunRecord.read(config, other.name)
-            if same_request(record.requested) != key or dataclasses.replace(record.resolved, checkpoint=None) != want:
+            if same_request(record.requested) != key:
+                continue
+            resolved_otherwise = _resolved_differences(record.resolved, resolved)
+            if resolved_otherwise:
+                left.append(f"{other.name} (the same request resolved otherwise there: {'; '.join(resolved_otherwise)})")
                 continue
             summary = json.loads((other / SUMMARY).read_text())
             m = int(summary["n"])
