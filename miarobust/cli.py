@@ -119,9 +119,11 @@ def run_cmd(**kw: Any) -> None:
         except KeyboardInterrupt as e:
             partial = Path(cfg.out) / cfg.folder_name() / "partial"
             done = len(list(partial.glob("batch_*.csv")))
+            checked = len(list((partial / "checks").glob("*.json")))  # the sanity checks' finished rerun batches
+            also = f" and {checked} batches of its sanity checks" if checked else ""
             if rank == 0:
-                click.echo(f"{'stopped' if isinstance(e, RankStopped) else 'interrupted'}: {done} finished batches are "
-                           f"kept in {partial}; run the same command again to resume." if done else
+                click.echo(f"{'stopped' if isinstance(e, RankStopped) else 'interrupted'}: {done} finished batches"
+                           f"{also} are kept in {partial}; run the same command again to resume." if done else
                            "interrupted before any batch finished: nothing was written.", err=True)
             sys.exit(143 if isinstance(e, RankStopped) else 130)
         if rank == 0:

@@ -267,6 +267,60 @@ def test_autoattack_warnings_of_earlier_batches_survive_a_resume(tmp_path, monke
     assert flags["status"] == "flag" and any(checks.RANDOMNESS_WARNING in w for w in flags["value"]), flags
 
 
+def test_checks_killed_midway_resume_their_finished_batches(tmp_path, monkeypatch, cli):
+    """A run stopped during its sanity checks keeps each finished batch of their reruns in partial/checks (the
+    message says so); run again, it computes only the rest, and its checks, AutoAttack's warnings among them, are
+    those of an uninterrupted run, with summary.json counting the batches read back."""
+    import json
+
+    from miarobust import checks
+    from miarobust.checks import base
+
+    monkeypatch.setitem(checks.SQUARE, "on", (200, 50))  # check 4's Square: 50 queries, enough to run it here
+    args = ["--model", "mia_vit_fmnist", "--gate-mode", "stochastic", "--data", "embedded", "--attack", "apgd-ce",
+            "--steps", "2", "--n", "2", "--batch-size", "1", "--eval-samples", "2", "--checks", "on"]
+    real = base.build_attack
+    calls: list[str] = []
+
+    def counted(stop_at: int):
+        def build(info, victim, acfg):
+            fn = real(info, victim, acfg)
+
+            def attack(x, y):
+                calls.append(info.name)
+                if len(calls) == stop_at:
+                    raise KeyboardInterrupt
+                return fn(x, y)
+
+            if hasattr(fn, "warnings"):
+                attack.warnings = fn.warnings  # the same list: the rerun reads it as the attack's
+            return attack
+        return build
+
+    monkeypatch.setattr(base, "build_attack", counted(stop_at=0))
+    assert cli("run", *args, "--out", str(tmp_path / "whole")).code == 0
+    whole, total = json.loads(next((tmp_path / "whole").glob("*/summary.json")).read_text()), len(calls)
+    assert total >= 6 and "checks_batches_resumed" not in whole
+
+    calls.clear()
+    monkeypatch.setattr(base, "build_attack", counted(stop_at=total // 2 + 1))
+    r = cli("run", *args, "--out", str(tmp_path / "split"))
+    kept = total // 2
+    assert r.code == 130 and f"2 finished batches and {kept} batches of its sanity checks are kept in" in r.err
+    (folder,) = (tmp_path / "split").iterdir()
+    assert len(list((folder / "partial" / "checks").glob("*.json"))) == kept and not (folder / "summary.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(base, "build_attack", counted(stop_at=0))
+    assert cli("run", *args, "--out", str(tmp_path / "split")).code == 0
+    assert len(calls) == total - kept  # only the batches not kept
+    split = json.loads((folder / "summary.json").read_text())
+    assert split["checks_batches_resumed"] == kept and not (folder / "partial").exists()
+    randomness = split["checks"].pop("randomness")  # forwards of the clean images, not a rerun: computed again
+    assert randomness["status"] == whole["checks"].pop("randomness")["status"] and split["checks"] == whole["checks"]
+    assert any(checks.RANDOMNESS_WARNING in w for w in split["checks"]["autoattack_flags"]["value"])
+
+
 # -- --reuse: a run grown from the same run at another n (miarobust/results/reuse.py) -----------------------------
 
 

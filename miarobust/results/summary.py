@@ -76,6 +76,7 @@ class Summary(TypedDict, total=False):
     folder: str
     checks: dict[str, Any]
     checks_seconds: float
+    checks_batches_resumed: int  # rerun batches of the checks read back from a killed run's partial/checks
     batch_warnings: dict[str, dict[str, list[str]]]  # AutoAttack's warnings by batch, where it warned
     reused: dict[str, Any]  # --reuse: the run the first batches were copied from (results/reuse.py)
 
