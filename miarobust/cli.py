@@ -108,6 +108,7 @@ def model_option(default: str | None) -> Any:
 def run_cmd(**kw: Any) -> None:
     """Evaluate a model under attack; writes config.json, samples.csv, summary.json."""
     from miarobust.distributed import RankStopped, distributed_context, stop_on_sigterm
+    from miarobust.results.store import PARTIAL, batches_done, check_batches_done
 
     reuse = kw.pop("reuse")
     cfg = make_run_config(kw)
@@ -117,13 +118,12 @@ def run_cmd(**kw: Any) -> None:
         try:
             res = run(cfg, progress=sys.stderr.isatty() or world == 1, rank=rank, world=world, reuse=reuse)
         except KeyboardInterrupt as e:
-            partial = Path(cfg.out) / cfg.folder_name() / "partial"
-            done = len(list(partial.glob("batch_*.csv")))
-            checked = len(list((partial / "checks").glob("*.json")))  # the sanity checks' finished rerun batches
+            folder = Path(cfg.out) / cfg.folder_name()
+            done, checked = batches_done(folder), check_batches_done(folder)
             also = f" and {checked} batches of its sanity checks" if checked else ""
             if rank == 0:
                 click.echo(f"{'stopped' if isinstance(e, RankStopped) else 'interrupted'}: {done} finished batches"
-                           f"{also} are kept in {partial}; run the same command again to resume." if done else
+                           f"{also} are kept in {folder / PARTIAL}; run the same command again to resume." if done else
                            "interrupted before any batch finished: nothing was written.", err=True)
             sys.exit(143 if isinstance(e, RankStopped) else 130)
         if rank == 0:

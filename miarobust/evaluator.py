@@ -47,6 +47,7 @@ from miarobust.results import (
 )
 from miarobust.results.reuse import copy_batches, find_donor, reused_record
 from miarobust.results.store import (
+    CheckBatches,
     FolderLock,
     batch_range,
     batch_seed,
@@ -162,7 +163,7 @@ class Evaluation:
         # records, so a resumed or distributed run judges every batch, not just this process's)
         self.warnings: dict[int, dict[str, list[str]]] = {}
         self.progress = False  # show the checks' progress and results (set by `run` on the process that reports)
-        self.checks_cache: Any = None  # checks.base.RerunCache of the checks' finished rerun batches (set by finish)
+        self.check_batches: CheckBatches | None = None  # the checks' finished rerun batches (set by finish)
         self.weights_sha256: str | None = None  # of a module's state_dict (api.evaluate); else of the checkpoint file
 
     # -- the adaptive preset's EOT ------------------------------------------------------------------------
@@ -427,15 +428,14 @@ def finish(cfg: RunConfig, ev: Evaluation, folder: Path, seconds: float) -> dict
     summary["gmacs"]["clean_share_of_static"] = summary["gmacs"]["clean_mean"] / static
     summary["gmacs"]["adv_share_of_static"] = {a: v / static for a, v in summary["gmacs"]["adv_mean"].items()}
     from miarobust.checks import run_checks
-    from miarobust.checks.base import RerunCache
 
     started = time.time()
-    ev.checks_cache = RerunCache(folder / PARTIAL / "checks")  # a run killed during its checks resumes them
+    ev.check_batches = CheckBatches(folder)  # a run killed during its checks resumes them
     summary["checks"] = run_checks(cfg, ev, samples, summary)
     summary["checks_seconds"] = time.time() - started  # wall_seconds is the evaluation's
-    if ev.checks_cache.resumed:  # checks_seconds is then this process's share
-        summary["checks_batches_resumed"] = ev.checks_cache.resumed
-    ev.checks_cache = None
+    if ev.check_batches.resumed:  # checks_seconds is then this process's share
+        summary["checks_batches_resumed"] = ev.check_batches.resumed
+    ev.check_batches = None
     # each batch's AutoAttack warnings, so that a larger run can reuse the batches (results/reuse.py)
     summary["batch_warnings"] = {str(b): w for b, w in sorted(ev.warnings.items()) if w}
     reused = reused_record(folder)

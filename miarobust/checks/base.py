@@ -9,7 +9,6 @@ import json
 import logging
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import pandas as pd
@@ -18,7 +17,6 @@ import torch
 from miarobust.attacks import AttackConfig, build_attack, get_attack
 from miarobust.attacks.threat import ThreatModel
 from miarobust.results import CSV_FLOAT, batch_seed
-from miarobust.results.io import write_files
 from miarobust.stats import paired_drop_p, paired_mean_diff
 
 log = logging.getLogger("miarobust.checks")
@@ -96,41 +94,12 @@ def batches(ev: Any, m: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]
         b += 1
 
 
-class RerunCache:
-    """The finished batches of the checks' reruns, in a run's partial/checks/ until its summary.json is written, so
-    that a run killed during its checks resumes them where they stopped instead of from the first image (each
-    rerun batch is seeded by the batch, so a batch read back is the one that would be computed). A batch is known
-    by its attack, attack config, images, seed salt, record field and which images it attacks (`key`).
-    `resumed` counts the batches read back."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.resumed = 0
-
-    @staticmethod
-    def key(name: str, acfg: AttackConfig, m: int, salt: int, field: str, todo: torch.Tensor | None) -> str:
-        what = {"attack": name, "config": dataclasses.asdict(acfg), "images": m, "salt": salt, "field": field,
-                "todo": None if todo is None else todo.nonzero().squeeze(1).tolist()}
-        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    def path(self, key: str, b: int) -> Path:
-        return self.folder / f"{key}-{b:06d}.json"
-
-    def get(self, key: str, b: int, index: list[int]) -> tuple[list[float], list[str]] | None:
-        """Batch b's records (of the images `index`) and AutoAttack warnings, if a killed run finished it."""
-        try:
-            saved = json.loads(self.path(key, b).read_text())
-            if saved["index"] != index or len(saved["values"]) != len(index):
-                return None
-            values, warnings = [float(v) for v in saved["values"]], [str(w) for w in saved["warnings"]]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # not finished (or not readable): computed again
-        self.resumed += 1
-        return values, warnings
-
-    def put(self, key: str, b: int, index: list[int], values: list[float], warnings: list[str]) -> None:
-        record = {"index": index, "values": values, "warnings": warnings}
-        write_files({self.path(key, b): json.dumps(record).encode()})
+def rerun_key(name: str, acfg: AttackConfig, m: int, salt: int, field: str, todo: torch.Tensor | None) -> str:
+    """What decides a rerun's records besides the run and the batch: its attack, attack config, images, seed salt,
+    record field and which images it attacks (the key of its finished batches, results.store.CheckBatches)."""
+    what = {"attack": name, "config": dataclasses.asdict(acfg), "images": m, "salt": salt, "field": field,
+            "todo": None if todo is None else todo.nonzero().squeeze(1).tolist()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def rerun(ev: Any, name: str, acfg: AttackConfig, m: int, salt: int, todo: torch.Tensor | None = None,
@@ -140,8 +109,8 @@ def rerun(ev: Any, name: str, acfg: AttackConfig, m: int, salt: int, todo: torch
     stores them, so that equal outcomes compare equal with the run's records. Only images with `todo` set are
     attacked; the others get 0. The attack's output is checked against its threat model like any other; seeded
     per batch, so the result is reproducible. An AutoAttack component's warnings go to `autoattack_runs`.
-    Where `ev.checks_cache` is a RerunCache (a run's checks), each finished batch is kept there and read back on
-    resume.
+    Where `ev.check_batches` is a results.store.CheckBatches (a run's checks), each finished batch is kept there
+    and read back on resume.
     """
 
     info = get_attack(name, acfg)
@@ -152,8 +121,8 @@ def rerun(ev: Any, name: str, acfg: AttackConfig, m: int, salt: int, todo: torch
 
     bar = tqdm(batches(ev, m), total=-(-m // ev.cfg.batch_size), desc=f"  check: {name}", unit="batch", leave=False,
                disable=not getattr(ev, "progress", False))
-    cache: RerunCache | None = getattr(ev, "checks_cache", None)
-    key = cache.key(name, acfg, m, salt, field, todo) if cache is not None else ""
+    cache = getattr(ev, "check_batches", None)
+    key = rerun_key(name, acfg, m, salt, field, todo) if cache is not None else ""
     warns = getattr(fn, "warnings", None)
     for b, x, y in bar:
         lo = b * ev.cfg.batch_size

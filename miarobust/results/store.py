@@ -3,6 +3,7 @@
     <out>/<folder name>/
         config.json    what was asked and what it resolved to (gate mode, weights, attacks, EOT K)
         partial/       batch_000000.csv ... (+ .warnings.json): finished batches, while the run is in progress
+          checks/      <rerun key>-000000.json ...: the sanity checks' finished rerun batches, while they run
         samples.csv    one row per image, once every batch is done
         summary.json   the figures, written last: its presence marks the run complete
 
@@ -22,9 +23,10 @@ from typing import Any
 import pandas as pd
 
 from miarobust.errors import UserError
-from miarobust.results.io import remove_folders
+from miarobust.results.io import remove_folders, write_files
 
 CONFIG, SAMPLES, SUMMARY, PARTIAL = "config.json", "samples.csv", "summary.json", "partial"
+CHECK_BATCHES = "checks"  # in partial/
 
 
 def num_batches(n: int, batch_size: int) -> int:
@@ -65,6 +67,41 @@ class FolderLock:
     def __exit__(self, *exc: object) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+
+
+class CheckBatches:
+    """The finished batches of a run's sanity-check reruns, in partial/checks/ until summary.json is written, so
+    that a run killed during its checks resumes them where they stopped. A batch is kept under the key of its rerun
+    (checks.base.rerun_key: what decides its records) and its number, with the indices of the images it attacked,
+    their records and AutoAttack's warnings. `resumed` counts the batches read back."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder / PARTIAL / CHECK_BATCHES
+        self.resumed = 0
+
+    def _path(self, key: str, b: int) -> Path:
+        return self.folder / f"{key}-{b:06d}.json"
+
+    def get(self, key: str, b: int, index: list[int]) -> tuple[list[float], list[str]] | None:
+        """Batch b's records of the images `index` and its AutoAttack warnings, if a killed run finished it."""
+        try:
+            saved = json.loads(self._path(key, b).read_text())
+            if saved["index"] != index or len(saved["values"]) != len(index):
+                return None
+            values, warnings = [float(v) for v in saved["values"]], [str(w) for w in saved["warnings"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # not finished, or not readable: computed again
+        self.resumed += 1
+        return values, warnings
+
+    def put(self, key: str, b: int, index: list[int], values: list[float], warnings: list[str]) -> None:
+        record = {"index": index, "values": values, "warnings": warnings}
+        write_files({self._path(key, b): json.dumps(record).encode()})
+
+
+def check_batches_done(folder: Path) -> int:
+    """How many batches of the sanity checks' reruns partial/ holds."""
+    return sum(1 for _ in (folder / PARTIAL / CHECK_BATCHES).glob("*.json"))
 
 
 def partial_name(b: int) -> str:
