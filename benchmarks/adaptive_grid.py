@@ -9,13 +9,16 @@ Cells, each one `miarobust run ... --attack adaptive --checks on` (resumable; re
   weights), ToMe (r = 8, training-free), ToMe fine-tuned at r = 8 (`tome_vit_fmnist_b05`) and EViT fine-tuned at
   keep rate 0.47 (`evit_vit_fmnist_b05`), deterministic decisions through straight-through where the mechanism has
   them; each on the first images of the embedded set (ROWS says how many). With --transfer, each gated row's cell
-  is instead the transfer attack from the static `vit_fmnist` (TRANSFER_OUT).
+  is instead the transfer attack from the static `vit_fmnist` (TRANSFER_OUT). With --wide, every row's cell is
+  instead PGD-10 on all 1,000 embedded images (WIDE_OUT): through the straight-through relaxation where the row has
+  decisions, through EOT over WIDE_EOT gate draws on stochastic gates, checks auto; a cheap attack on ten times the
+  images, printed as its own table of upper bounds beside how far each reads above the worst case where both run.
 Then `miarobust worst` writes, per model x model arguments x weights x gate mode x eps, each image's worst case over
 the runs of --out, of the transfer runs and of the earlier grids (EARLIER) into --worst-out (a folder whose result
 is unchanged is kept as it is, stale ones are removed), and the tables are printed from those folders.
 
     python benchmarks/adaptive_grid.py [--eps 1/255,2/255,4/255,8/255] [--n N] [--batch-size B] [--rows REGEX] [--reuse MODE]
-        [--only-table | --transfer] [--out results/adaptive] [--worst-out results/worst]
+        [--only-table | --transfer | --wide] [--out results/adaptive] [--worst-out results/worst]
 """
 
 from __future__ import annotations
@@ -46,6 +49,12 @@ EARLIER = ["results/grid", "results/grid-lat076"]
 #: on it) ran on the same images in the preset's run.
 TRANSFER_OUT = "results/transfer"
 TRANSFER_N = 200
+#: --wide: PGD-10 (BPDA-PGD where the row has decisions) on every row on the first WIDE_N images, EOT WIDE_EOT on
+#: stochastic gates (the preset's probe settles at 4 on all but one cell), checks auto (all checks on the first 100
+#: images, Square with 1,000 queries on 20): a minute or two a cell on one core, the stochastic ones a few.
+WIDE_OUT = "results/wide"
+WIDE_N = 1000
+WIDE_EOT = 4
 
 
 class Row(NamedTuple):
@@ -138,10 +147,20 @@ def eps_value(text: str) -> float:
     return Eps.parse(text).value
 
 
+def wide_cell(row: Row, eps: str, n: int, batch_size: int | None) -> list[str]:
+    """`miarobust run` arguments of one --wide cell (see WIDE_OUT)."""
+    eot = ["--eot", str(WIDE_EOT)] if row.gate == "stochastic" else []
+    return cell([*row.argv, *eot], eps, n, WIDE_OUT, batch_size, attack="pgd" if row.gate is None else "bpda-pgd",
+                checks="auto")
+
+
 def worst_folders(root: Path) -> dict[tuple[str, str, str, str | None, float], Path]:
-    """(model, model arguments, weights SHA-256, gate mode, eps) -> worst-case folder under `root`."""
+    """(model, model arguments, weights SHA-256, gate mode, eps) -> finished run or worst-case folder under `root`
+    (one in progress, without summary.json, is left out)."""
     found = {}
     for path in root.glob("*/config.json"):
+        if not (path.parent / "summary.json").is_file():
+            continue
         cfg = json.loads(path.read_text())
         key = (cfg["model"], cfg.get("model_kwargs") or "", cfg.get("weights_sha256"), cfg.get("gate_mode"))
         found[(*key, round(float(cfg["eps"]), 9))] = path.parent
@@ -222,6 +241,9 @@ def main() -> None:
                     "can share the grid); the tables show them all")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--only-table", action="store_true", help="run nothing, read the runs")
+    mode.add_argument("--wide", action="store_true", help=f"run, instead of the preset, PGD-10 on every row into "
+                      f"{WIDE_OUT} (first --n images, default {WIDE_N}; BPDA-PGD where the row has decisions, EOT "
+                      f"{WIDE_EOT} on stochastic gates; checks auto)")
     mode.add_argument("--transfer", action="store_true", help=f"run, instead of the preset, the transfer attack from the "
                       f"static vit_fmnist on every gated row into {TRANSFER_OUT} (first --n images, default "
                       f"{TRANSFER_N}; checks off)")
@@ -233,13 +255,17 @@ def main() -> None:
                 if args.transfer and row.gate is None:  # the surrogate itself: white-box PGD-10, nothing to transfer
                     continue
                 if args.rows is None or re.search(args.rows, row.name):
-                    cmd = (cell([*row.argv, "--surrogate", "vit_fmnist"], eps, args.n or TRANSFER_N, TRANSFER_OUT,
-                                args.batch_size, attack="transfer", checks="off") if args.transfer
-                           else cell(row.argv, eps, args.n or row.n, args.out, args.batch_size))
+                    if args.transfer:
+                        cmd = cell([*row.argv, "--surrogate", "vit_fmnist"], eps, args.n or TRANSFER_N, TRANSFER_OUT,
+                                   args.batch_size, attack="transfer", checks="off")
+                    elif args.wide:
+                        cmd = wide_cell(row, eps, args.n or WIDE_N, args.batch_size)
+                    else:
+                        cmd = cell(row.argv, eps, args.n or row.n, args.out, args.batch_size)
                     cmd += ["--reuse", args.reuse] if args.reuse else []
                     print("$ miarobust", shlex.join(cmd), flush=True)
                     subprocess.run([sys.executable, "-m", "miarobust", *cmd], check=True)
-    sources = [args.out, TRANSFER_OUT, *EARLIER]
+    sources = [args.out, TRANSFER_OUT, WIDE_OUT, *EARLIER]
     folders = rewrite_worst(sources, Path(args.worst_out))
     table: dict[str, dict[str, pd.DataFrame]] = {}
     print(f"\nEach image's worst case over every run on it ({', '.join(sources)}), on the images all "
@@ -248,7 +274,7 @@ def main() -> None:
     print("|---|---|" + "---|" * len(eps_list) + "---|")
     upper_bounds = False
     for row in ROWS:
-        key = (row.model, row.model_kwargs, weights_sha256(row.weights), row.gate)
+        key = row_key(row)
         cells, clean, runs = [], "-", set()
         for eps in eps_list:
             folder = folders.get((*key, round(eps_value(eps), 9)))
@@ -278,6 +304,59 @@ def main() -> None:
     adjusted = holm([r[-1] for r in rows])
     print(f"\nPaired on the same images; p two-sided (exact McNemar for 0/1 outcomes, else the paired mean difference of "
           f"expected correctness), Holm-adjusted over the {len(rows)} comparisons of this table:\n")
+    print("| more robust? | than | eps | n | robust % (a, b) | difference, points | p | Holm p |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (a, b, eps, n, ra, rb, diff, p), padj in zip(rows, adjusted):
+        print(f"| {a} | {b} | {eps} | {n} | {100 * ra:.1f}, {100 * rb:.1f} | {diff} | {p:.3g} | {padj:.3g} |")
+    print_wide(eps_list, folders, table)
+
+
+def row_key(row: Row) -> tuple[str, str, str, str | None]:
+    """(model, model arguments, weights SHA-256, gate mode): what worst_folders' keys start with."""
+    return row.model, row.model_kwargs, weights_sha256(row.weights), row.gate
+
+
+def print_wide(eps_list: list[str], worst: dict, table: dict[str, dict[str, pd.DataFrame]]) -> None:
+    """The --wide runs (if any): robust % on all their images, how far above each image's worst case they read on
+    the images the worst case covers, their flagged checks, and the paired comparisons of PAIRS on their images."""
+    wide = worst_folders(Path(WIDE_OUT)) if Path(WIDE_OUT).is_dir() else {}
+    if not wide:
+        return
+    runs: dict[str, dict[str, pd.DataFrame]] = {}
+    print(f"\nPGD-10 on every image of the --wide runs ({WIDE_OUT}: BPDA-PGD through the straight-through relaxation where "
+          f"the row has decisions, EOT {WIDE_EOT} on stochastic gates; checks auto), robust % with 95% interval: an upper "
+          "bound, beside (in brackets) how many points it reads above each image's worst case on the images that "
+          "covers:\n")
+    print("| model, gates | " + " | ".join(f"eps {e}" for e in eps_list) + " |")
+    print("|---|" + "---|" * len(eps_list))
+    flags = []
+    for row in ROWS:
+        cells = []
+        for eps in eps_list:
+            folder = wide.get((*row_key(row), round(eps_value(eps), 9)))
+            if folder is None:
+                cells.append("-")
+                continue
+            s = pd.read_csv(folder / "samples.csv")[["index", "robust", "clean_correct"]]
+            runs.setdefault(row.name, {})[eps] = s
+            text = pct(s.robust.mean(), len(s))
+            if eps in table.get(row.name, {}):
+                both = table[row.name][eps].merge(s, on="index", suffixes=("_worst", ""))
+                text += f" ({100 * (both.robust.mean() - both.robust_worst.mean()):+.1f} on {len(both)})"
+            cells.append(text)
+            summary = json.loads((folder / "summary.json").read_text())
+            flags += [f"{row.name} at {eps}: {k}: {v['message']}" for k, v in summary.get("checks", {}).items()
+                      if v["status"] == "flag"]
+        if any(c != "-" for c in cells):
+            print(f"| {row.name} | " + " | ".join(cells) + " |")
+    print("\nFlagged checks of the --wide runs: " + ("none" if not flags else ""))
+    for line in flags:
+        print(f"- {line}")
+    rows = [(a, b, eps, *compare(runs[a][eps], runs[b][eps]))
+            for a, b in PAIRS for eps in eps_list if eps in runs.get(a, {}) and eps in runs.get(b, {})]
+    adjusted = holm([r[-1] for r in rows])
+    print(f"\nThe --wide runs paired on the same images (as above), Holm-adjusted over the {len(rows)} comparisons of "
+          "this table:\n")
     print("| more robust? | than | eps | n | robust % (a, b) | difference, points | p | Holm p |")
     print("|---|---|---|---|---|---|---|---|")
     for (a, b, eps, n, ra, rb, diff, p), padj in zip(rows, adjusted):

@@ -177,8 +177,10 @@ def test_straight_through_variants_and_their_errors() -> None:
 def test_straight_through_needs_gates() -> None:
     model = Planted(GateMode.DETERMINISTIC)
     cfg = AttackConfig()
-    with pytest.raises(UserError, match="has none"):
+    with pytest.raises(UserError, match="has none: use autoattack on a static model"):
         build_attack(get_attack("autoattack-st", cfg), Victim(model, None), cfg)
+    with pytest.raises(UserError, match="has none: use pgd on a static model"):  # bpda-pgd's plain twin
+        build_attack(get_attack("bpda-pgd", cfg), Victim(model, None), cfg)
 
 
 def test_adaptive_preset_expands_by_model() -> None:

@@ -328,6 +328,11 @@ def straight_through_name(name: str) -> str:
     return f"{name}{ST_SUFFIX}" if info is not None and info.gradient else name
 
 
+def plain_name(name: str) -> str:
+    """The attack whose straight-through variant `name` is (pgd for bpda-pgd, apgd-ce for apgd-ce-st)."""
+    return "pgd" if name == "bpda-pgd" else name.removesuffix(ST_SUFFIX)
+
+
 def _lookup(name: str) -> AttackInfo:
     if name in ATTACKS:
         return ATTACKS[name]
@@ -368,7 +373,7 @@ def build_attack(info: AttackInfo, victim: Victim, cfg: AttackConfig) -> AttackF
     """
     if info.straight_through and victim.adaptive is None:
         raise UserError(f"{info.name} attacks through straight-through gates, and the model has none: use "
-                        f"{info.name.removesuffix(ST_SUFFIX)} on a static model.")
+                        f"{plain_name(info.name)} on a static model.")
     k = info.eot(cfg, victim.stochastic)
     if not (victim.stochastic and info.keeps_best):
         return _gated(info, victim, info.build(victim, cfg, k))
