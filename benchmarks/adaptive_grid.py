@@ -154,13 +154,25 @@ def wide_cell(row: Row, eps: str, n: int, batch_size: int | None) -> list[str]:
                 checks="auto")
 
 
+def per_image_min(runs: list[pd.DataFrame]) -> pd.DataFrame:
+    """index, robust, clean_correct: each image's lowest robust over `runs`, on the images every one covers."""
+    out = runs[0]
+    for more in runs[1:]:
+        both = out.merge(more, on="index", suffixes=("", "_more"))
+        out = both.assign(robust=both[["robust", "robust_more"]].min(axis=1))[["index", "robust", "clean_correct"]]
+    return out
+
+
 def worst_folders(root: Path) -> dict[tuple[str, str, str, str | None, float], Path]:
-    """(model, model arguments, weights SHA-256, gate mode, eps) -> finished run or worst-case folder under `root`
-    (one in progress, without summary.json, is left out)."""
+    """(model, model arguments, weights SHA-256, gate mode, eps) -> worst-case folder under `root`."""
+    return worst_folders_of([p.parent for p in root.glob("*/config.json")])
+
+
+def worst_folders_of(folders: list[Path]) -> dict[tuple[str, str, str, str | None, float], Path]:
+    """worst_folders' keys of `folders` (each holding a config.json)."""
     found = {}
-    for path in root.glob("*/config.json"):
-        if not (path.parent / "summary.json").is_file():
-            continue
+    for folder in folders:
+        path = folder / "config.json"
         cfg = json.loads(path.read_text())
         key = (cfg["model"], cfg.get("model_kwargs") or "", cfg.get("weights_sha256"), cfg.get("gate_mode"))
         found[(*key, round(float(cfg["eps"]), 9))] = path.parent
@@ -319,34 +331,37 @@ def row_key(row: Row) -> tuple[str, str, str, str | None]:
 def print_wide(eps_list: list[str], worst: dict, table: dict[str, dict[str, pd.DataFrame]]) -> None:
     """The --wide runs (if any): robust % on all their images, how far above each image's worst case they read on
     the images the worst case covers, their flagged checks, and the paired comparisons of PAIRS on their images."""
-    wide = worst_folders(Path(WIDE_OUT)) if Path(WIDE_OUT).is_dir() else {}
+    wide: dict[tuple, list[Path]] = {}  # every finished --wide run by worst_folders' key: a cell may hold several
+    for path in sorted(Path(WIDE_OUT).glob("*/summary.json")):
+        wide.setdefault(next(iter(worst_folders_of([path.parent]))), []).append(path.parent)
     if not wide:
         return
     runs: dict[str, dict[str, pd.DataFrame]] = {}
     print(f"\nPGD-10 on every image of the --wide runs ({WIDE_OUT}: BPDA-PGD through the straight-through relaxation where "
-          f"the row has decisions, EOT {WIDE_EOT} on stochastic gates; checks auto), robust % with 95% interval: an upper "
-          "bound, beside (in brackets) how many points it reads above each image's worst case on the images that "
-          "covers:\n")
+          f"the row has decisions, EOT {WIDE_EOT} on stochastic gates, and each image's worst case where a cell holds more "
+          "than one run; checks auto), robust % with 95% interval: an upper bound, beside (in brackets) how many points "
+          "it reads above each image's worst case over every run on the images that covers:\n")
     print("| model, gates | " + " | ".join(f"eps {e}" for e in eps_list) + " |")
     print("|---|" + "---|" * len(eps_list))
     flags = []
     for row in ROWS:
         cells = []
         for eps in eps_list:
-            folder = wide.get((*row_key(row), round(eps_value(eps), 9)))
-            if folder is None:
+            found = wide.get((*row_key(row), round(eps_value(eps), 9)), [])
+            if not found:
                 cells.append("-")
                 continue
-            s = pd.read_csv(folder / "samples.csv")[["index", "robust", "clean_correct"]]
+            s = per_image_min([pd.read_csv(f / "samples.csv")[["index", "robust", "clean_correct"]] for f in found])
             runs.setdefault(row.name, {})[eps] = s
             text = pct(s.robust.mean(), len(s))
             if eps in table.get(row.name, {}):
                 both = table[row.name][eps].merge(s, on="index", suffixes=("_worst", ""))
                 text += f" ({100 * (both.robust.mean() - both.robust_worst.mean()):+.1f} on {len(both)})"
             cells.append(text)
-            summary = json.loads((folder / "summary.json").read_text())
-            flags += [f"{row.name} at {eps}: {k}: {v['message']}" for k, v in summary.get("checks", {}).items()
-                      if v["status"] == "flag"]
+            for folder in found:
+                summary = json.loads((folder / "summary.json").read_text())
+                flags += [f"{row.name} at {eps} ({folder.name}): {k}: {v['message']}"
+                          for k, v in summary.get("checks", {}).items() if v["status"] == "flag"]
         if any(c != "-" for c in cells):
             print(f"| {row.name} | " + " | ".join(cells) + " |")
     print("\nFlagged checks of the --wide runs: " + ("none" if not flags else ""))
