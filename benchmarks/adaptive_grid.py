@@ -341,11 +341,11 @@ def print_wide(eps_list: list[str], worst: dict, table: dict[str, dict[str, pd.D
           f"the row has decisions, EOT {WIDE_EOT} on stochastic gates, and each image's worst case where a cell holds more "
           "than one run; checks auto), robust % with 95% interval: an upper bound, beside (in brackets) how many points "
           "it reads above each image's worst case over every run on the images that covers:\n")
-    print("| model, gates | " + " | ".join(f"eps {e}" for e in eps_list) + " |")
-    print("|---|" + "---|" * len(eps_list))
+    print("| model, gates | clean % | " + " | ".join(f"eps {e}" for e in eps_list) + " |")
+    print("|---|---|" + "---|" * len(eps_list))
     flags = []
     for row in ROWS:
-        cells = []
+        cells, clean = [], "-"
         for eps in eps_list:
             found = wide.get((*row_key(row), round(eps_value(eps), 9)), [])
             if not found:
@@ -353,6 +353,7 @@ def print_wide(eps_list: list[str], worst: dict, table: dict[str, dict[str, pd.D
                 continue
             s = per_image_min([pd.read_csv(f / "samples.csv")[["index", "robust", "clean_correct"]] for f in found])
             runs.setdefault(row.name, {})[eps] = s
+            clean = f"{100 * s.clean_correct.mean():.1f}"
             text = pct(s.robust.mean(), len(s))
             if eps in table.get(row.name, {}):
                 both = table[row.name][eps].merge(s, on="index", suffixes=("_worst", ""))
@@ -363,7 +364,7 @@ def print_wide(eps_list: list[str], worst: dict, table: dict[str, dict[str, pd.D
                 flags += [f"{row.name} at {eps} ({folder.name}): {k}: {v['message']}"
                           for k, v in summary.get("checks", {}).items() if v["status"] == "flag"]
         if any(c != "-" for c in cells):
-            print(f"| {row.name} | " + " | ".join(cells) + " |")
+            print(f"| {row.name} | {clean} | " + " | ".join(cells) + " |")
     print("\nFlagged checks of the --wide runs: " + ("none" if not flags else ""))
     for line in flags:
         print(f"- {line}")
