@@ -321,6 +321,55 @@ def main() -> None:
     for (a, b, eps, n, ra, rb, diff, p), padj in zip(rows, adjusted):
         print(f"| {a} | {b} | {eps} | {n} | {100 * ra:.1f}, {100 * rb:.1f} | {diff} | {p:.3g} | {padj:.3g} |")
     print_wide(eps_list, folders, table)
+    print_wide_autoattack(eps_list, folders)
+
+
+def covering_worst(folder: Path, n: int) -> tuple[pd.DataFrame, list[str]] | None:
+    """index, robust, clean_correct of the first n images of worst-case `folder`, each image's minimum over only the
+    runs that cover all n, with those runs' attacks; None when no run covers them."""
+    s = pd.read_csv(folder / "samples.csv")
+    s = s[s["index"] < n]
+    runs = [c for c in json.loads((folder / "config.json").read_text())["combines"]
+            if len(s) == n and s[f"{c['label']}_correct"].notna().all()]
+    if not runs:
+        return None
+    worst = s[[f"{c['label']}_correct" for c in runs]].min(axis=1)
+    return (s.assign(robust=worst)[["index", "robust", "clean_correct"]],
+            sorted({a for c in runs for a in c["attacks"]}))
+
+
+def print_wide_autoattack(eps_list: list[str], worst: dict) -> None:
+    """Where a row's runs on all WIDE_N images include standard AutoAttack (not its `rand` version, which leaves out
+    APGD-T, FAB and Square): each image's worst case over every run covering them, and the paired comparisons of
+    PAIRS between such rows (Holm over this table's)."""
+    cells: dict[str, dict[str, pd.DataFrame]] = {}
+    lines = []
+    for row in ROWS:
+        for eps in eps_list:
+            folder = worst.get((*row_key(row), round(eps_value(eps), 9)))
+            found = covering_worst(folder, WIDE_N) if folder is not None else None
+            if found is None or not {"autoattack", "autoattack-st"} & set(found[1]):  # the standard version
+                continue
+            frame, attacks = found
+            cells.setdefault(row.name, {})[eps] = frame
+            lines.append(f"| {row.name} | {eps} | {', '.join(attacks)} | {pct(frame.robust.mean(), len(frame))} |")
+    if not lines:
+        return
+    print(f"\nOn the first {WIDE_N} images, where standard AutoAttack is among the runs covering them all: each "
+          "image's worst case over every run that covers all of them (from every folder the worst case reads):\n")
+    print("| model, gates | eps | attacks | robust % |")
+    print("|---|---|---|---|")
+    print("\n".join(lines))
+    rows = [(a, b, eps, *compare(cells[a][eps], cells[b][eps]))
+            for a, b in PAIRS for eps in eps_list if eps in cells.get(a, {}) and eps in cells.get(b, {})]
+    if not rows:
+        return
+    adjusted = holm([r[-1] for r in rows])
+    print(f"\nPaired on those images, Holm-adjusted over the {len(rows)} comparisons of this table:\n")
+    print("| more robust? | than | eps | n | robust % (a, b) | difference, points | p | Holm p |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (a, b, eps, n, ra, rb, diff, p), padj in zip(rows, adjusted):
+        print(f"| {a} | {b} | {eps} | {n} | {100 * ra:.1f}, {100 * rb:.1f} | {diff} | {p:.3g} | {padj:.3g} |")
 
 
 def row_key(row: Row) -> tuple[str, str, str, str | None]:
