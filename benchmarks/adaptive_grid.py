@@ -24,6 +24,7 @@ is unchanged is kept as it is, stale ones are removed), and the tables are print
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import shlex
@@ -134,6 +135,7 @@ def cell(argv: list[str], eps: str, n: int, out: str, batch_size: int | None = N
             "--checks", checks, "--out", out]
 
 
+@functools.cache  # each table reads it per row x eps: hash each shipped file once
 def weights_sha256(name: str) -> str:
     from miarobust.models.registry import file_sha256
     from miarobust.models.vit import shipped_checkpoint
@@ -311,17 +313,26 @@ def main() -> None:
               "sees the model; the earlier grids ran, on stochastic gates, without straight-through gradients or "
               "per-image candidates): an upper bound, left out of the paired comparisons.")
     print_preset_runs(Path(args.out))
-    rows = [(a, b, eps, *compare(table[a][eps], table[b][eps]))
-            for a, b in PAIRS for eps in eps_list if eps in table.get(a, {}) and eps in table.get(b, {})]
+    print_pairs(table, eps_list, "\nPaired on the same images; p two-sided (exact McNemar for 0/1 outcomes, else the paired "
+                "mean difference of expected correctness), Holm-adjusted over the {} comparisons of this table:\n")
+    print_wide(eps_list, folders, table)
+    print_wide_autoattack(eps_list, folders)
+
+
+def print_pairs(cells: dict[str, dict[str, pd.DataFrame]], eps_list: list[str], heading: str,
+                skip_empty: bool = False) -> None:
+    """The paired comparisons of PAIRS between the rows of `cells` (row -> eps -> index, robust), Holm-adjusted over
+    them, under `heading` (its {} takes their number); nothing when `skip_empty` and there are none."""
+    rows = [(a, b, eps, *compare(cells[a][eps], cells[b][eps]))
+            for a, b in PAIRS for eps in eps_list if eps in cells.get(a, {}) and eps in cells.get(b, {})]
+    if skip_empty and not rows:
+        return
     adjusted = holm([r[-1] for r in rows])
-    print(f"\nPaired on the same images; p two-sided (exact McNemar for 0/1 outcomes, else the paired mean difference of "
-          f"expected correctness), Holm-adjusted over the {len(rows)} comparisons of this table:\n")
+    print(heading.format(len(rows)))
     print("| more robust? | than | eps | n | robust % (a, b) | difference, points | p | Holm p |")
     print("|---|---|---|---|---|---|---|---|")
     for (a, b, eps, n, ra, rb, diff, p), padj in zip(rows, adjusted):
         print(f"| {a} | {b} | {eps} | {n} | {100 * ra:.1f}, {100 * rb:.1f} | {diff} | {p:.3g} | {padj:.3g} |")
-    print_wide(eps_list, folders, table)
-    print_wide_autoattack(eps_list, folders)
 
 
 def covering_worst(folder: Path, n: int) -> tuple[pd.DataFrame, list[str]] | None:
@@ -360,16 +371,8 @@ def print_wide_autoattack(eps_list: list[str], worst: dict) -> None:
     print("| model, gates | eps | attacks | robust % |")
     print("|---|---|---|---|")
     print("\n".join(lines))
-    rows = [(a, b, eps, *compare(cells[a][eps], cells[b][eps]))
-            for a, b in PAIRS for eps in eps_list if eps in cells.get(a, {}) and eps in cells.get(b, {})]
-    if not rows:
-        return
-    adjusted = holm([r[-1] for r in rows])
-    print(f"\nPaired on those images, Holm-adjusted over the {len(rows)} comparisons of this table:\n")
-    print("| more robust? | than | eps | n | robust % (a, b) | difference, points | p | Holm p |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (a, b, eps, n, ra, rb, diff, p), padj in zip(rows, adjusted):
-        print(f"| {a} | {b} | {eps} | {n} | {100 * ra:.1f}, {100 * rb:.1f} | {diff} | {p:.3g} | {padj:.3g} |")
+    print_pairs(cells, eps_list, "\nPaired on those images, Holm-adjusted over the {} comparisons of this table:\n",
+                skip_empty=True)
 
 
 def row_key(row: Row) -> tuple[str, str, str, str | None]:
@@ -417,15 +420,8 @@ def print_wide(eps_list: list[str], worst: dict, table: dict[str, dict[str, pd.D
     print("\nFlagged checks of the --wide runs: " + ("none" if not flags else ""))
     for line in flags:
         print(f"- {line}")
-    rows = [(a, b, eps, *compare(runs[a][eps], runs[b][eps]))
-            for a, b in PAIRS for eps in eps_list if eps in runs.get(a, {}) and eps in runs.get(b, {})]
-    adjusted = holm([r[-1] for r in rows])
-    print(f"\nThe --wide runs paired on the same images (as above), Holm-adjusted over the {len(rows)} comparisons of "
-          "this table:\n")
-    print("| more robust? | than | eps | n | robust % (a, b) | difference, points | p | Holm p |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (a, b, eps, n, ra, rb, diff, p), padj in zip(rows, adjusted):
-        print(f"| {a} | {b} | {eps} | {n} | {100 * ra:.1f}, {100 * rb:.1f} | {diff} | {p:.3g} | {padj:.3g} |")
+    print_pairs(runs, eps_list, "\nThe --wide runs paired on the same images (as above), Holm-adjusted over the {} "
+                "comparisons of this table:\n")
 
 
 if __name__ == "__main__":
