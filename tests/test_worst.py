@@ -259,3 +259,36 @@ def test_runs_that_disagree_on_a_label_are_a_user_error(tmp_path):
     with pytest.raises(UserError, match="image 1 has different labels"):
         worst_case([runs], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _grid_script():
+    """benchmarks/adaptive_grid.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "adaptive_grid.py"
+    spec = importlib.util.spec_from_file_location("adaptive_grid", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("aa_images, expected_n", [(1000, 1000), (500, 500), (700, 500), (300, None)])
+def test_the_autoattack_table_falls_back_to_the_first_500_images(tmp_path, aa_images, expected_n):
+    """The 1,000-image AutoAttack table takes a row on all 1,000 images where AutoAttack covers them, else on the
+    first 500 (each image's minimum over the runs that cover them all), else leaves it out."""
+    grid = _grid_script()
+    n = grid.WIDE_N
+    pgd = [i % 2 for i in range(n)]
+    aa = [(i % 3 != 0) if i < aa_images else None for i in range(n)]
+    pd.DataFrame({"index": range(n), "clean_correct": 1, "pgd_correct": pgd, "autoattack_correct": aa}).to_csv(
+        tmp_path / "samples.csv", index=False)
+    write_json(tmp_path / "config.json", {"combines": [{"label": "pgd", "attacks": ["pgd"]},
+                                                       {"label": "autoattack", "attacks": ["autoattack"]}]})
+    found = grid.autoattack_worst(tmp_path)
+    if expected_n is None:
+        assert found is None
+        return
+    frame, attacks = found
+    assert attacks == ["autoattack", "pgd"]
+    assert frame["index"].tolist() == list(range(expected_n))
+    assert frame.robust.tolist() == [min(pgd[i], int(aa[i])) for i in range(expected_n)]
