@@ -13,12 +13,15 @@ Cells, each one `miarobust run ... --attack adaptive --checks on` (resumable; re
   instead PGD-10 on all 1,000 embedded images (WIDE_OUT): through the straight-through relaxation where the row has
   decisions, through EOT over WIDE_EOT gate draws on stochastic gates, checks auto; a cheap attack on ten times the
   images, printed as its own table of upper bounds beside how far each reads above the worst case where both run.
+  With --autoattack [autoattack-st], every row's cell is instead standard AutoAttack (or its straight-through twin)
+  on the first AUTOATTACK_N images into AUTOATTACK_OUT, checks auto: what the table of AutoAttack on 1,000 (or 500)
+  images reads beside the --wide runs.
 Then `miarobust worst` writes, per model x model arguments x weights x gate mode x eps, each image's worst case over
 the runs of --out, of the transfer runs and of the earlier grids (EARLIER) into --worst-out (a folder whose result
 is unchanged is kept as it is, stale ones are removed), and the tables are printed from those folders.
 
     python benchmarks/adaptive_grid.py [--eps 1/255,2/255,4/255,8/255] [--n N] [--batch-size B] [--rows REGEX] [--reuse MODE]
-        [--only-table | --transfer | --wide] [--out results/adaptive] [--worst-out results/worst]
+        [--only-table | --transfer | --wide | --autoattack [autoattack-st]] [--out results/adaptive] [--worst-out results/worst]
 """
 
 from __future__ import annotations
@@ -56,8 +59,10 @@ TRANSFER_N = 200
 WIDE_OUT = "results/wide"
 WIDE_N = 1000
 WIDE_EOT = 4
-#: Where AutoAttack has not run on all WIDE_N images of a row (on the peers, 20-70 minutes a cell per 500 images on
-#: one core), its table on them falls back to the first AUTOATTACK_N.
+#: --autoattack: standard AutoAttack on the first AUTOATTACK_N images (10-70 minutes a cell on one core, 8/255 the
+#: cheapest), into AUTOATTACK_OUT beside the 1,000-image AutoAttack runs of the earlier grid, checks auto; where
+#: AutoAttack has not run on all WIDE_N images of a row, its table on them falls back to the first AUTOATTACK_N.
+AUTOATTACK_OUT = "results/grid"
 AUTOATTACK_N = 500
 
 
@@ -264,6 +269,9 @@ def main() -> None:
     mode.add_argument("--transfer", action="store_true", help=f"run, instead of the preset, the transfer attack from the "
                       f"static vit_fmnist on every gated row into {TRANSFER_OUT} (first --n images, default "
                       f"{TRANSFER_N}; checks off)")
+    mode.add_argument("--autoattack", nargs="?", const="autoattack", choices=["autoattack", "autoattack-st"],
+                      help=f"run, instead of the preset, standard AutoAttack (or its straight-through twin) on every "
+                      f"row into {AUTOATTACK_OUT} (first --n images, default {AUTOATTACK_N}; checks auto)")
     args = ap.parse_args()
     eps_list = args.eps.split(",")
     if not args.only_table:
@@ -271,12 +279,17 @@ def main() -> None:
             for row in ROWS:
                 if args.transfer and row.gate is None:  # the surrogate itself: white-box PGD-10, nothing to transfer
                     continue
+                if args.autoattack == "autoattack-st" and row.gate is None:  # no decisions: the twin is AutoAttack
+                    continue
                 if args.rows is None or re.search(args.rows, row.name):
                     if args.transfer:
                         cmd = cell([*row.argv, "--surrogate", "vit_fmnist"], eps, args.n or TRANSFER_N, TRANSFER_OUT,
                                    args.batch_size, attack="transfer", checks="off")
                     elif args.wide:
                         cmd = wide_cell(row, eps, args.n or WIDE_N, args.batch_size)
+                    elif args.autoattack:
+                        cmd = cell(row.argv, eps, args.n or AUTOATTACK_N, AUTOATTACK_OUT, args.batch_size,
+                                   attack=args.autoattack, checks="auto")
                     else:
                         cmd = cell(row.argv, eps, args.n or row.n, args.out, args.batch_size)
                     cmd += ["--reuse", args.reuse] if args.reuse else []
@@ -291,10 +304,9 @@ def main() -> None:
     print("|---|---|" + "---|" * len(eps_list) + "---|")
     upper_bounds = False
     for row in ROWS:
-        key = row_key(row)
         cells, clean, runs = [], "-", set()
         for eps in eps_list:
-            folder = folders.get((*key, round(eps_value(eps), 9)))
+            folder = folders.get(cell_key(row, eps))
             if folder is None:
                 cells.append("-")
                 continue
@@ -373,7 +385,7 @@ def print_wide_autoattack(eps_list: list[str], worst: dict) -> None:
     lines = []
     for row in ROWS:
         for eps in eps_list:
-            folder = worst.get((*row_key(row), round(eps_value(eps), 9)))
+            folder = worst.get(cell_key(row, eps))
             found = autoattack_worst(folder) if folder is not None else None
             if found is None:
                 continue
@@ -392,9 +404,9 @@ def print_wide_autoattack(eps_list: list[str], worst: dict) -> None:
                 "table:\n", skip_empty=True)
 
 
-def row_key(row: Row) -> tuple[str, str, str, str | None]:
-    """(model, model arguments, weights SHA-256, gate mode): what worst_folders' keys start with."""
-    return row.model, row.model_kwargs, weights_sha256(row.weights), row.gate
+def cell_key(row: Row, eps: str) -> tuple[str, str, str, str | None, float]:
+    """worst_folders' key of a row at `eps`: (model, model arguments, weights SHA-256, gate mode, eps)."""
+    return row.model, row.model_kwargs, weights_sha256(row.weights), row.gate, round(eps_value(eps), 9)
 
 
 def print_wide(eps_list: list[str], worst: dict, table: dict[str, dict[str, pd.DataFrame]]) -> None:
@@ -402,7 +414,8 @@ def print_wide(eps_list: list[str], worst: dict, table: dict[str, dict[str, pd.D
     the images the worst case covers, their flagged checks, and the paired comparisons of PAIRS on their images."""
     wide: dict[tuple, list[Path]] = {}  # every finished --wide run by worst_folders' key: a cell may hold several
     for path in sorted(Path(WIDE_OUT).glob("*/summary.json")):
-        wide.setdefault(next(iter(worst_folders_of([path.parent]))), []).append(path.parent)
+        (key,) = worst_folders_of([path.parent])  # one folder, one key
+        wide.setdefault(key, []).append(path.parent)
     if not wide:
         return
     runs: dict[str, dict[str, pd.DataFrame]] = {}
@@ -416,7 +429,7 @@ def print_wide(eps_list: list[str], worst: dict, table: dict[str, dict[str, pd.D
     for row in ROWS:
         cells, clean = [], "-"
         for eps in eps_list:
-            found = wide.get((*row_key(row), round(eps_value(eps), 9)), [])
+            found = wide.get(cell_key(row, eps), [])
             if not found:
                 cells.append("-")
                 continue
