@@ -64,6 +64,8 @@ WIDE_EOT = 4
 #: AutoAttack has not run on all WIDE_N images of a row, its table on them falls back to the first AUTOATTACK_N.
 AUTOATTACK_OUT = "results/grid"
 AUTOATTACK_N = 500
+#: Standard AutoAttack and its straight-through twin (not the `rand` version, which leaves out APGD-T, FAB and Square).
+STANDARD_AUTOATTACK = ("autoattack", "autoattack-st")
 
 
 class Row(NamedTuple):
@@ -269,7 +271,7 @@ def main() -> None:
     mode.add_argument("--transfer", action="store_true", help=f"run, instead of the preset, the transfer attack from the "
                       f"static vit_fmnist on every gated row into {TRANSFER_OUT} (first --n images, default "
                       f"{TRANSFER_N}; checks off)")
-    mode.add_argument("--autoattack", nargs="?", const="autoattack", choices=["autoattack", "autoattack-st"],
+    mode.add_argument("--autoattack", nargs="?", const="autoattack", choices=STANDARD_AUTOATTACK,
                       help=f"run, instead of the preset, standard AutoAttack (or its straight-through twin) on every "
                       f"row into {AUTOATTACK_OUT} (first --n images, default {AUTOATTACK_N}; checks auto)")
     args = ap.parse_args()
@@ -277,9 +279,9 @@ def main() -> None:
     if not args.only_table:
         for eps in eps_list:
             for row in ROWS:
-                if args.transfer and row.gate is None:  # the surrogate itself: white-box PGD-10, nothing to transfer
-                    continue
-                if args.autoattack == "autoattack-st" and row.gate is None:  # no decisions: the twin is AutoAttack
+                # the static row: with --transfer the surrogate itself (white-box PGD-10, nothing to transfer); with
+                # the twin, no decisions to relax (it is AutoAttack)
+                if row.gate is None and (args.transfer or args.autoattack == "autoattack-st"):
                     continue
                 if args.rows is None or re.search(args.rows, row.name):
                     if args.transfer:
@@ -368,11 +370,10 @@ def covering_worst(folder: Path, n: int) -> tuple[pd.DataFrame, list[str]] | Non
 
 def autoattack_worst(folder: Path) -> tuple[pd.DataFrame, list[str]] | None:
     """covering_worst of `folder` on the first WIDE_N images or, failing that, AUTOATTACK_N, the first where the runs
-    covering them all include standard AutoAttack (not its `rand` version, which leaves out APGD-T, FAB and Square);
-    None where neither does."""
+    covering them all include STANDARD_AUTOATTACK; None where neither does."""
     for n in (WIDE_N, AUTOATTACK_N):
         found = covering_worst(folder, n)
-        if found is not None and {"autoattack", "autoattack-st"} & set(found[1]):
+        if found is not None and set(STANDARD_AUTOATTACK) & set(found[1]):
             return found
     return None
 

@@ -261,8 +261,9 @@ def test_runs_that_disagree_on_a_label_are_a_user_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _grid_script():
-    """benchmarks/adaptive_grid.py as a module (it is a script, not part of the package)."""
+@pytest.fixture(scope="module")
+def grid():
+    """benchmarks/adaptive_grid.py as a module (it is a script, not part of the package), loaded once."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "adaptive_grid.py"
@@ -273,10 +274,9 @@ def _grid_script():
 
 
 @pytest.mark.parametrize("aa_images, expected_n", [(1000, 1000), (500, 500), (700, 500), (300, None)])
-def test_the_autoattack_table_falls_back_to_the_first_500_images(tmp_path, aa_images, expected_n):
+def test_the_autoattack_table_falls_back_to_the_first_500_images(grid, tmp_path, aa_images, expected_n):
     """The 1,000-image AutoAttack table takes a row on all 1,000 images where AutoAttack covers them, else on the
     first 500 (each image's minimum over the runs that cover them all), else leaves it out."""
-    grid = _grid_script()
     n = grid.WIDE_N
     pgd = [i % 2 for i in range(n)]
     aa = [(i % 3 != 0) if i < aa_images else None for i in range(n)]
