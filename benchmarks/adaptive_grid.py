@@ -15,7 +15,9 @@ Cells, each one `miarobust run ... --attack adaptive --checks on` (resumable; re
   images, printed as its own table of upper bounds beside how far each reads above the worst case where both run.
   With --autoattack [autoattack-st], every row's cell is instead standard AutoAttack (or its straight-through twin)
   on the first AUTOATTACK_N images into AUTOATTACK_OUT, checks auto: what the table of AutoAttack on 1,000 (or 500)
-  images reads beside the --wide runs.
+  images reads beside the --wide runs. Wherever AutoAttack's own check (autoattack_flags) says its Square broke
+  images the attacks before it had left robust, the cell is followed by Square with another seed (SQUARE_SEED) on
+  the same images, as AutoAttack advises; it joins the worst case like every other run.
 Then `miarobust worst` writes, per model x model arguments x weights x gate mode x eps, each image's worst case over
 the runs of --out, of the transfer runs and of the earlier grids (EARLIER) into --worst-out (a folder whose result
 is unchanged is kept as it is, stale ones are removed), and the tables are printed from those folders.
@@ -66,6 +68,9 @@ AUTOATTACK_OUT = "results/grid"
 AUTOATTACK_N = 500
 #: Standard AutoAttack and its straight-through twin (not the `rand` version, which leaves out APGD-T, FAB and Square).
 STANDARD_AUTOATTACK = ("autoattack", "autoattack-st")
+#: --autoattack's follow-up on a cell whose Square AutoAttack's check flagged: Square again with this seed (AutoAttack's
+#: runs use seed 0), 5,000 queries, on the same images (about 10 minutes a cell on one core).
+SQUARE_SEED = 1
 
 
 class Row(NamedTuple):
@@ -143,6 +148,37 @@ def cell(argv: list[str], eps: str, n: int, out: str, batch_size: int | None = N
     batch = ["--batch-size", str(batch_size)] if batch_size else []
     return ["run", *argv, "--attack", attack, "--eps", eps, "--n", str(n), *batch, "--data", "embedded",
             "--checks", checks, "--out", out]
+
+
+def execute(cmd: list[str]) -> None:
+    """Run `miarobust <cmd>`, echoing it first."""
+    print("$ miarobust", shlex.join(cmd), flush=True)
+    subprocess.run([sys.executable, "-m", "miarobust", *cmd], check=True)
+
+
+def autoattack_cell(row: Row, eps: str, n: int, attack: str, batch_size: int | None, reuse: list[str]) -> None:
+    """One --autoattack cell: `attack` (standard AutoAttack or its twin) on the first n images into AUTOATTACK_OUT,
+    then, where its check says AutoAttack's Square broke images (square_flagged), Square with seed SQUARE_SEED on
+    the same images (a finished run of either is found complete and left as it is)."""
+    execute(cell(row.argv, eps, n, AUTOATTACK_OUT, batch_size, attack=attack, checks="auto") + reuse)
+    if square_flagged(Path(AUTOATTACK_OUT), row, eps, n, attack):
+        execute(cell([*row.argv, "--seed", str(SQUARE_SEED)], eps, n, AUTOATTACK_OUT, batch_size, attack="square",
+                     checks="auto") + reuse)
+
+
+def square_flagged(out: Path, row: Row, eps: str, n: int, attack: str) -> bool:
+    """Whether a finished `attack` run of `row` at `eps` on n images in `out` has AutoAttack's check
+    (autoattack_flags) warning that AutoAttack's Square broke images the attacks before it had left robust."""
+    from miarobust.checks import SQUARE_SUCCESS
+
+    for path in out.glob("*/summary.json"):
+        cfg = json.loads((path.parent / "config.json").read_text())
+        if cfg["attacks"] != [attack] or cfg["n"] != n or worst_folders_of([path.parent]).get(cell_key(row, eps)) is None:
+            continue
+        flags = json.loads(path.read_text()).get("checks", {}).get("autoattack_flags", {})
+        if flags.get("status") == "flag" and any(SQUARE_SUCCESS.search(w) for w in flags.get("value") or []):
+            return True
+    return False
 
 
 @functools.cache  # each table reads it per row x eps: hash each shipped file once
@@ -273,9 +309,11 @@ def main() -> None:
                       f"{TRANSFER_N}; checks off)")
     mode.add_argument("--autoattack", nargs="?", const="autoattack", choices=STANDARD_AUTOATTACK,
                       help=f"run, instead of the preset, standard AutoAttack (or its straight-through twin) on every "
-                      f"row into {AUTOATTACK_OUT} (first --n images, default {AUTOATTACK_N}; checks auto)")
+                      f"row into {AUTOATTACK_OUT} (first --n images, default {AUTOATTACK_N}; checks auto), each "
+                      f"followed by Square with seed {SQUARE_SEED} where AutoAttack's check flagged its Square")
     args = ap.parse_args()
     eps_list = args.eps.split(",")
+    reuse = ["--reuse", args.reuse] if args.reuse else []
     if not args.only_table:
         for eps in eps_list:
             for row in ROWS:
@@ -285,18 +323,14 @@ def main() -> None:
                     continue
                 if args.rows is None or re.search(args.rows, row.name):
                     if args.transfer:
-                        cmd = cell([*row.argv, "--surrogate", "vit_fmnist"], eps, args.n or TRANSFER_N, TRANSFER_OUT,
-                                   args.batch_size, attack="transfer", checks="off")
+                        execute(cell([*row.argv, "--surrogate", "vit_fmnist"], eps, args.n or TRANSFER_N, TRANSFER_OUT,
+                                     args.batch_size, attack="transfer", checks="off") + reuse)
                     elif args.wide:
-                        cmd = wide_cell(row, eps, args.n or WIDE_N, args.batch_size)
+                        execute(wide_cell(row, eps, args.n or WIDE_N, args.batch_size) + reuse)
                     elif args.autoattack:
-                        cmd = cell(row.argv, eps, args.n or AUTOATTACK_N, AUTOATTACK_OUT, args.batch_size,
-                                   attack=args.autoattack, checks="auto")
+                        autoattack_cell(row, eps, args.n or AUTOATTACK_N, args.autoattack, args.batch_size, reuse)
                     else:
-                        cmd = cell(row.argv, eps, args.n or row.n, args.out, args.batch_size)
-                    cmd += ["--reuse", args.reuse] if args.reuse else []
-                    print("$ miarobust", shlex.join(cmd), flush=True)
-                    subprocess.run([sys.executable, "-m", "miarobust", *cmd], check=True)
+                        execute(cell(row.argv, eps, args.n or row.n, args.out, args.batch_size) + reuse)
     sources = [args.out, TRANSFER_OUT, WIDE_OUT, *EARLIER]
     folders = rewrite_worst(sources, Path(args.worst_out))
     table: dict[str, dict[str, pd.DataFrame]] = {}

@@ -292,3 +292,38 @@ def test_the_autoattack_table_falls_back_to_the_first_500_images(grid, tmp_path,
     assert attacks == ["autoattack", "pgd"]
     assert frame["index"].tolist() == list(range(expected_n))
     assert frame.robust.tolist() == [min(pgd[i], int(aa[i])) for i in range(expected_n)]
+
+
+SQUARE_WARNING = ("autoattack, batch 1: Square Attack has decreased the robust accuracy of 2.00%. This might indicate "
+                  "that the robustness evaluation using AutoAttack is unreliable.")
+RANDOMNESS_WARNING = "autoattack, batch 0: it seems that the model is not deterministic"
+
+
+@pytest.mark.parametrize("status, warnings, run_n, follows", [
+    ("flag", [SQUARE_WARNING], 500, True),
+    ("flag", [RANDOMNESS_WARNING], 500, False),  # flagged, but not its Square
+    ("pass", [], 500, False),
+    ("flag", [SQUARE_WARNING], 1000, False),  # a flagged run on other images
+])
+@pytest.mark.parametrize("attack", ["autoattack", "autoattack-st"])
+def test_a_flagged_autoattack_cell_is_followed_by_square_with_another_seed(grid, tmp_path, monkeypatch, status,
+                                                                            warnings, run_n, follows, attack):
+    """--autoattack runs Square with SQUARE_SEED on the same images after a cell exactly where AutoAttack's check
+    says its Square broke images on those images, and nowhere else."""
+    (row,) = [r for r in grid.ROWS if r.name.startswith("b05")]
+    ran = []
+
+    def execute(cmd):  # plant the finished run `miarobust run` would write
+        ran.append(cmd)
+        if cmd[cmd.index("--attack") + 1] == attack:
+            plant(tmp_path / f"run{len(ran)}", attack, [1, 0], [1, 1], eot=1, gate_mode="deterministic",
+                  checks={"autoattack_flags": {"status": status, "value": warnings}},
+                  config={"n": run_n, "model_kwargs": "", "weights_sha256": grid.weights_sha256(row.weights)})
+
+    monkeypatch.setattr(grid, "AUTOATTACK_OUT", str(tmp_path))
+    monkeypatch.setattr(grid, "execute", execute)
+    grid.autoattack_cell(row, "8/255", 500, attack, 50, [])
+    first = grid.cell(row.argv, "8/255", 500, str(tmp_path), 50, attack=attack, checks="auto")
+    square = grid.cell([*row.argv, "--seed", str(grid.SQUARE_SEED)], "8/255", 500, str(tmp_path), 50,
+                       attack="square", checks="auto")
+    assert ran == ([first, square] if follows else [first])
