@@ -171,9 +171,10 @@ def square_flagged(out: Path, row: Row, eps: str, n: int, attack: str) -> bool:
     (autoattack_flags) warning that AutoAttack's Square broke images the attacks before it had left robust."""
     from miarobust.checks import SQUARE_SUCCESS
 
+    key = cell_key(row, eps)
     for path in out.glob("*/summary.json"):
         cfg = json.loads((path.parent / "config.json").read_text())
-        if cfg["attacks"] != [attack] or cfg["n"] != n or worst_folders_of([path.parent]).get(cell_key(row, eps)) is None:
+        if cfg["attacks"] != [attack] or cfg["n"] != n or run_key(cfg) != key:
             continue
         flags = json.loads(path.read_text()).get("checks", {}).get("autoattack_flags", {})
         if flags.get("status") == "flag" and any(SQUARE_SUCCESS.search(w) for w in flags.get("value") or []):
@@ -218,13 +219,14 @@ def worst_folders(root: Path) -> dict[tuple[str, str, str, str | None, float], P
 
 def worst_folders_of(folders: list[Path]) -> dict[tuple[str, str, str, str | None, float], Path]:
     """worst_folders' keys of `folders` (each holding a config.json)."""
-    found = {}
-    for folder in folders:
-        path = folder / "config.json"
-        cfg = json.loads(path.read_text())
-        key = (cfg["model"], cfg.get("model_kwargs") or "", cfg.get("weights_sha256"), cfg.get("gate_mode"))
-        found[(*key, round(float(cfg["eps"]), 9))] = path.parent
-    return found
+    return {run_key(json.loads((folder / "config.json").read_text())): folder for folder in folders}
+
+
+def run_key(cfg: dict) -> tuple[str, str, str, str | None, float]:
+    """worst_folders' key of a run's or worst case's config.json: (model, model arguments, weights SHA-256, gate
+    mode, eps)."""
+    return (cfg["model"], cfg.get("model_kwargs") or "", cfg.get("weights_sha256"), cfg.get("gate_mode"),
+            round(float(cfg["eps"]), 9))
 
 
 def rewrite_worst(sources: list[str], out: Path) -> dict:
@@ -449,8 +451,7 @@ def print_wide(eps_list: list[str], worst: dict, table: dict[str, dict[str, pd.D
     the images the worst case covers, their flagged checks, and the paired comparisons of PAIRS on their images."""
     wide: dict[tuple, list[Path]] = {}  # every finished --wide run by worst_folders' key: a cell may hold several
     for path in sorted(Path(WIDE_OUT).glob("*/summary.json")):
-        (key,) = worst_folders_of([path.parent])  # one folder, one key
-        wide.setdefault(key, []).append(path.parent)
+        wide.setdefault(run_key(json.loads((path.parent / "config.json").read_text())), []).append(path.parent)
     if not wide:
         return
     runs: dict[str, dict[str, pd.DataFrame]] = {}
