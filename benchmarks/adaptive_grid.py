@@ -69,7 +69,8 @@ AUTOATTACK_N = 500
 #: Standard AutoAttack and its straight-through twin (not the `rand` version, which leaves out APGD-T, FAB and Square).
 STANDARD_AUTOATTACK = ("autoattack", "autoattack-st")
 #: --autoattack's follow-up on a cell whose Square AutoAttack's check flagged: Square again with this seed (AutoAttack's
-#: runs use seed 0), 5,000 queries, on the same images (about 10 minutes a cell on one core).
+#: runs use seed 0), 5,000 queries, on the same images (5-25 minutes a cell on one core, the
+#: longest at 1 and 2/255, where most images survive to use every query).
 SQUARE_SEED = 1
 
 
