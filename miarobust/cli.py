@@ -112,12 +112,13 @@ def run_cmd(**kw: Any) -> None:
 
     reuse = kw.pop("reuse")
     cfg = make_run_config(kw)
-    with distributed_context(cfg) as (rank, world), stop_on_sigterm():  # kill (SIGTERM) is an interrupt
+    with distributed_context(cfg) as (rank, world), stop_on_sigterm() as sigterm:  # kill (SIGTERM) is an interrupt
         from miarobust.evaluator import run
 
         try:
             res = run(cfg, progress=sys.stderr.isatty() or world == 1, rank=rank, world=world, reuse=reuse)
         except KeyboardInterrupt as e:
+            sigterm.stopping = True  # first: a later SIGTERM must not cut the message short
             folder = Path(cfg.out) / cfg.folder_name()
             done, checked = batches_done(folder), check_batches_done(folder)
             also = f" and {checked} batches of its sanity checks" if checked else ""
@@ -320,7 +321,7 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
 
     created = missing_folders(out)
     # under torchrun: one rank per process, train/ranks.py; a kill (SIGTERM, torchrun's or a user's) is an interrupt
-    with distributed_context(cfg) as (rank, world), stop_on_sigterm():
+    with distributed_context(cfg) as (rank, world), stop_on_sigterm() as sigterm:
         try:
             if mia:
                 from miarobust.train.mia import train_mia
@@ -343,6 +344,7 @@ def train_cmd(model: str, out: str | None, epochs: int | None, lr: float | None,
 
                 train_static(cfg)
         except BaseException as e:
+            sigterm.stopping = True  # first: torchrun's SIGTERM, arriving as this rank sees a lost peer, is ignored now
             unfinished = bool(created) and not (Path(out) / "state.pt").exists()  # no epoch finished: nothing to resume
             if unfinished and rank == 0:
                 remove_folders(created)

@@ -57,18 +57,35 @@ class RankStopped(KeyboardInterrupt):
     """SIGTERM: torchrun's, which stops every rank when one fails or is killed, or a user's `kill`."""
 
 
+class Stopping:
+    """Whether the process is already stopping: set it first thing where a run handles its failure, so that a SIGTERM
+    arriving then (torchrun stops every rank when one fails, at about the moment the survivors see the lost
+    connection) cannot cut the handling and its one-line message short. An attribute of a slotted object: setting it
+    runs no Python code, so no signal handler can run before it takes effect."""
+
+    __slots__ = ("stopping",)
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+
 @contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[None]:
-    """Within: SIGTERM raises RankStopped, so a process that torchrun or `kill` stops cleans up and says why in one
-    line instead of vanishing (the handler before is restored after)."""
+def stop_on_sigterm() -> Iterator[Stopping]:
+    """Within: the first SIGTERM raises RankStopped, so a process that torchrun or `kill` stops cleans up and says why
+    in one line instead of vanishing; later ones, and any once the yielded Stopping is set, are ignored (the handler
+    before is restored after)."""
     import signal
 
+    state = Stopping()
+
     def stop(signum: int, frame: Any) -> None:
-        raise RankStopped
+        if not state.stopping:
+            state.stopping = True
+            raise RankStopped
 
     before = signal.signal(signal.SIGTERM, stop)
     try:
-        yield
+        yield state
     finally:
         signal.signal(signal.SIGTERM, before)
 

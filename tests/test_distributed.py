@@ -186,3 +186,29 @@ def test_cuda_picks_the_local_rank_gpu(monkeypatch):
     with distributed_context(RunConfig(device="cuda")) as (rank, world):
         assert (rank, world) == (1, 2)
     assert calls == [("set_device", 1), ("init", "nccl"), ("barrier",), ("destroy",)]
+
+
+def test_sigterm_stops_once_and_never_cuts_a_failure_s_handling_short() -> None:
+    """The first SIGTERM raises RankStopped; later ones are ignored. A rank that sees a lost peer and sets `stopping`
+    first ignores the SIGTERM torchrun sends at about that moment, so its one-line message is always written."""
+    import os
+    import signal
+
+    from miarobust.distributed import RankStopped, stop_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_sigterm() as sigterm:
+        with pytest.raises(RankStopped):
+            os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second one while stopping: ignored
+        assert sigterm.stopping
+    assert signal.getsignal(signal.SIGTERM) is before
+    handled = []
+    with stop_on_sigterm() as sigterm:
+        try:
+            raise RuntimeError("Connection closed by peer")  # what gloo raises when the other rank dies
+        except RuntimeError:
+            sigterm.stopping = True
+            os.kill(os.getpid(), signal.SIGTERM)  # torchrun's, landing inside the handling
+            handled.append("message written")
+    assert handled == ["message written"]

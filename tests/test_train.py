@@ -241,7 +241,9 @@ def test_a_rank_killed_mid_epoch_stops_the_run_in_one_line_and_the_rerun_resumes
             p.kill()
     assert p.returncode != 0
     assert "exitcode  : -9" in err  # torchrun's own report names the killed rank
-    (line,) = [x for x in err.splitlines() if x.startswith(("rank 0: ", "rank 1: "))]  # the survivor's
+    lines = [x for x in err.splitlines() if x.startswith(("rank 0: ", "rank 1: "))]  # the survivor's
+    assert len(lines) == 1, err[-4000:]
+    line = lines[0]
     assert line[len("rank 0: "):] == ("stopped because another rank of this torchrun failed or was killed (torchrun's report "
                     f"names it); finished epochs are kept in {out}: run the same command again, on any number of "
                     "ranks, to resume.")
